@@ -1,0 +1,41 @@
+"""Magi Gateway: real-time WebSocket access to AI agent workers, over Redis.
+
+The public API here is the worker SDK: write an agent, run it with ``Worker``.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    AgentError,
+    AuthenticationFailed,
+    BackendUnavailable,
+    GatewayError,
+    ProtocolError,
+    SessionNotFound,
+)
+from .sdk import Agent, Context, FunctionAgent, Judgement, JudgementClosed, agent
+from .session import ResultCode, compute_verdict
+from .settings import Settings
+from .worker import Worker
+
+__all__ = [
+    "Agent",
+    "AgentError",
+    "AuthenticationFailed",
+    "BackendUnavailable",
+    "Context",
+    "FunctionAgent",
+    "GatewayError",
+    "Judgement",
+    "JudgementClosed",
+    "ProtocolError",
+    "ResultCode",
+    "SessionNotFound",
+    "Settings",
+    "Worker",
+    "__version__",
+    "agent",
+    "compute_verdict",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Redis connections and the boundary where Redis errors become ``BackendUnavailable``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .errors import BackendUnavailable
+from .settings import Settings
+
+__all__ = ["Backoff", "connect", "redis_errors"]
+
+# A command is retried this many times on a dropped connection before the caller
+# sees BackendUnavailable; longer outages are ridden out by the callers' own loops.
+_COMMAND_RETRIES = 3
+
+
+class Backoff:
+    """Capped exponential backoff with jitter for reconnect loops (wraps redis-py's)."""
+
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self._policy = ExponentialWithJitterBackoff(cap=cap_s, base=base_s)
+        self.failures = 0
+
+    def next_delay(self) -> float:
+        """Delay before the next attempt; each call counts one more failure."""
+        self.failures += 1
+        return float(self._policy.compute(self.failures))
+
+    def reset(self) -> None:
+        """Forget past failures after a success."""
+        self.failures = 0
+
+
+def connect(settings: Settings, *, client_name: str = "magi-gateway") -> Redis:
+    """A Redis client for ``settings.redis_dsn`` (``redis://``, ``rediss://``, ``unix://``)."""
+    retry = Retry(
+        ExponentialWithJitterBackoff(
+            cap=settings.redis_backoff_cap_s, base=settings.redis_backoff_base_s
+        ),
+        retries=_COMMAND_RETRIES,
+    )
+    return Redis.from_url(
+        settings.redis_dsn,
+        decode_responses=False,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=10,
+        socket_connect_timeout=5,
+        socket_keepalive=True,
+        client_name=client_name,
+    )
+
+
+@contextmanager
+def redis_errors() -> Iterator[None]:
+    """Convert any Redis failure inside the block to ``BackendUnavailable``."""
+    try:
+        yield
+    except RedisError as exc:
+        raise BackendUnavailable("Backend temporarily unavailable") from exc
+    except OSError as exc:
+        raise BackendUnavailable("Backend temporarily unavailable") from exc

@@ -1,0 +1,99 @@
+"""The ASGI application: ``/ws``, health, readiness, metrics, console and debug tokens."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from importlib.resources import files
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from .auth import FailureThrottle, TokenVerifier, compute_token, minute_of
+from .endpoint import WebSocketEndpoint
+from .gateway import Gateway
+from .settings import Settings
+
+__all__ = ["create_app"]
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    """Build the gateway application; the gateway starts and stops with its lifespan."""
+    settings = settings if settings is not None else Settings()
+    gateway = Gateway(settings)
+    verifier = TokenVerifier(settings.fixed_secret, settings.app_secrets, settings.token_skew_minutes)
+    endpoint = WebSocketEndpoint(gateway, verifier, FailureThrottle())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "instance": gateway.instance_id})
+
+    async def readyz(request: Request) -> Response:
+        if await gateway.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    async def console(request: Request) -> Response:
+        page = files("magi_gateway").joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
+
+    async def issue_token(request: Request) -> Response:
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+        except orjson.JSONDecodeError:
+            body = None
+        appid = body.get("appid") if isinstance(body, dict) else None
+        if not isinstance(appid, str) or not appid:
+            return JSONResponse(
+                {"error": "Body must be {\"appid\": \"...\"}", "code": "invalid_message"}, 400
+            )
+        secret = verifier.secret_for(appid)
+        if secret is None:
+            return JSONResponse({"error": "Unknown appid", "code": "auth_failed"}, 403)
+        now = time.time()
+        return JSONResponse(
+            {
+                "appid": appid,
+                "token": compute_token(appid, secret, minute_of(now)),
+                "expires_in_s": 60 * (settings.token_skew_minutes + 1) - int(now % 60),
+            }
+        )
+
+    routes = [
+        WebSocketRoute("/ws", endpoint.handle),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
+        Route("/", console),
+    ]
+    if settings.debug:
+        routes.append(Route("/v1/token", issue_token, methods=["POST"]))
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origin_list,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+        )
+    ]
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
+    app.state.gateway = gateway
+    app.state.settings = settings
+    return app

@@ -1,0 +1,76 @@
+"""One client connection's outbound side: a bounded buffer drained by a sender task.
+
+The buffer holds at most ``max_messages`` frames. Overflow policy: **close 1013** —
+when a client reads slower than its sessions produce, the connection is closed with
+"try again later" instead of growing memory; every message is in the session log,
+so the client resumes without loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from ._types import AppId, ConnectionId, SessionId
+from .errors import CLOSE_TRY_AGAIN_LATER
+
+__all__ = ["Connection"]
+
+logger = logging.getLogger(__name__)
+
+SendText = Callable[[str], Awaitable[None]]
+Close = Callable[[int, str], Awaitable[None]]
+
+
+class Connection:
+    """Frames queued for one WebSocket, and the sessions attached to it."""
+
+    def __init__(
+        self, connection_id: ConnectionId, appid: AppId, *, max_messages: int, peer: str = ""
+    ) -> None:
+        self.id = connection_id
+        self.appid = appid
+        self.peer = peer
+        self.max_messages = max_messages
+        self.sessions: set[SessionId] = set()
+        self._frames: deque[bytes] = deque()
+        self._wakeup = asyncio.Event()
+        self._close: tuple[int, str] | None = None
+
+    @property
+    def closing(self) -> bool:
+        """Whether a close was requested; no more frames are accepted."""
+        return self._close is not None
+
+    def push(self, frame: bytes) -> bool:
+        """Queue ``frame``; on overflow request a 1013 close and return False."""
+        if self._close is not None:
+            return False
+        if len(self._frames) >= self.max_messages:
+            logger.warning("connection %s outbound buffer full; closing 1013", self.id)
+            self.request_close(CLOSE_TRY_AGAIN_LATER, "Client too slow, resume later")
+            return False
+        self._frames.append(frame)
+        self._wakeup.set()
+        return True
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Ask the sender to close the socket after nothing more (queued frames are dropped)."""
+        if self._close is None:
+            self._close = (code, reason)
+            self._frames.clear()
+            self._wakeup.set()
+
+    async def run_sender(self, send_text: SendText, close: Close) -> None:
+        """Send queued frames until a close is requested; then close the socket."""
+        frames = self._frames
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while frames and self._close is None:
+                await send_text(frames.popleft().decode())
+            if self._close is not None:
+                await close(*self._close)
+                return

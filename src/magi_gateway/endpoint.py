@@ -1,0 +1,99 @@
+"""The ``/ws`` endpoint: a thin driver moving frames between a WebSocket and the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from . import metrics, protocol
+from ._types import AppId
+from .auth import FailureThrottle, TokenVerifier
+from .connection import Connection
+from .errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART
+from .gateway import Gateway
+
+__all__ = ["WebSocketEndpoint"]
+
+logger = logging.getLogger(__name__)
+
+#: Close code for a browser whose Origin is not in CORS_ORIGINS (sent before accept: HTTP 403).
+CLOSE_ORIGIN_REJECTED = 4003
+_AUTH_FAILED = protocol.encode({"error": "Authentication failed", "code": "auth_failed"})
+_AUTH_THROTTLED = protocol.encode(
+    {"error": "Too many failed authentication attempts; try again later", "code": "auth_throttled"}
+)
+
+
+class WebSocketEndpoint:
+    """ASGI-level handler of one WebSocket connection."""
+
+    def __init__(
+        self, gateway: Gateway, verifier: TokenVerifier, throttle: FailureThrottle
+    ) -> None:
+        self.gateway = gateway
+        self.verifier = verifier
+        self.throttle = throttle
+        origins = gateway.settings.cors_origin_list
+        self.allowed_origins: frozenset[str] | None = (
+            None if "*" in origins else frozenset(origins)
+        )
+
+    async def handle(self, websocket: WebSocket) -> None:
+        """Authenticate, then pump frames both ways until either side closes."""
+        origin = websocket.headers.get("origin")
+        if self.allowed_origins is not None and origin and origin not in self.allowed_origins:
+            await websocket.close(code=CLOSE_ORIGIN_REJECTED)
+            return
+        peer = websocket.client.host if websocket.client else ""
+        appid = websocket.query_params.get("appid", "")
+        token = websocket.query_params.get("token", "")
+        now = time.time()
+        await websocket.accept()
+        if self.throttle.is_blocked(peer, now):
+            await self._reject(websocket, _AUTH_THROTTLED)
+            return
+        if not self.verifier.verify(appid, token, now):
+            self.throttle.record_failure(peer, now)
+            await self._reject(websocket, _AUTH_FAILED)
+            return
+        if not self.gateway.accepting:
+            await websocket.close(code=CLOSE_SERVICE_RESTART, reason="Service restart")
+            return
+        connection = self.gateway.connect(AppId(appid), peer)
+
+        async def send_text(text: str) -> None:
+            await websocket.send_text(text)
+
+        async def close(code: int, reason: str) -> None:
+            await websocket.close(code=code, reason=reason)
+
+        sender = asyncio.create_task(connection.run_sender(send_text, close))
+        receiver = asyncio.create_task(self._receive(websocket, connection))
+        try:
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (sender, receiver):
+                task.cancel()
+            await asyncio.gather(sender, receiver, return_exceptions=True)
+            self.gateway.disconnect(connection)
+
+    async def _receive(self, websocket: WebSocket, connection: Connection) -> None:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            frame = message.get("text")
+            if frame is None:
+                frame = message.get("bytes") or b""
+            await self.gateway.handle_frame(connection, frame)
+
+    async def _reject(self, websocket: WebSocket, frame: bytes) -> None:
+        metrics.AUTH_FAILURES.inc()
+        try:
+            await websocket.send_text(frame.decode())
+            await websocket.close(code=CLOSE_AUTH_FAILED, reason="Authentication failed")
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            logger.debug("client left before the auth failure was sent")

@@ -1,0 +1,113 @@
+"""The error tree, and the one place that maps errors to what a client sees.
+
+::
+
+    GatewayError
+     ├── ProtocolError          the client sent something we cannot act on
+     │    ├── FrameTooLarge
+     │    └── TooManyAgents
+     ├── AuthenticationFailed   bad appid/token (close 4001)
+     ├── SessionNotFound        unknown or expired session, or another app's
+     ├── BackendUnavailable     Redis unreachable; converted at the Redis boundary
+     └── AgentError             raised by an agent; its text becomes ``data.error``
+
+Every error a client can see has a stable machine ``code``; its ``str()`` is the
+human text sent to clients and therefore never contains internal exception text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CLOSE_AUTH_FAILED",
+    "CLOSE_SERVICE_RESTART",
+    "CLOSE_TRY_AGAIN_LATER",
+    "AgentError",
+    "AuthenticationFailed",
+    "BackendUnavailable",
+    "FrameTooLarge",
+    "GatewayError",
+    "ProtocolError",
+    "SessionNotFound",
+    "TooManyAgents",
+    "error_frame",
+    "internal_error_frame",
+]
+
+#: WebSocket close code sent after an authentication failure.
+CLOSE_AUTH_FAILED = 4001
+#: Close code for a client whose outbound buffer overflowed (RFC 6455 "try again later").
+CLOSE_TRY_AGAIN_LATER = 1013
+#: Close code sent to clients when the gateway shuts down.
+CLOSE_SERVICE_RESTART = 1012
+
+
+class GatewayError(Exception):
+    """Base of every error raised by Magi Gateway."""
+
+    code = "internal_error"
+
+    def __init__(
+        self, message: str, *, code: str | None = None, session_id: str | None = None
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        #: The session the error is about, echoed in the error frame.
+        self.session_id = session_id
+
+
+class ProtocolError(GatewayError):
+    """A client frame is invalid: bad JSON, unknown type, missing or bad field."""
+
+    code = "invalid_message"
+
+
+class FrameTooLarge(ProtocolError):
+    """A client frame exceeds ``max_frame_bytes``."""
+
+    code = "frame_too_large"
+
+
+class TooManyAgents(ProtocolError):
+    """A judgement names more agents than ``max_agents_per_request``."""
+
+    code = "too_many_agents"
+
+
+class AuthenticationFailed(GatewayError):
+    """The appid/token pair is not valid now."""
+
+    code = "auth_failed"
+
+
+class SessionNotFound(GatewayError):
+    """The session does not exist, has expired, or belongs to another appid."""
+
+    code = "session_not_found"
+
+
+class BackendUnavailable(GatewayError):
+    """Redis cannot be reached; the operation may be retried later."""
+
+    code = "backend_unavailable"
+
+
+class AgentError(GatewayError):
+    """Raised by an agent to fail a judgement with a message the client may read."""
+
+    code = "agent_error"
+
+
+def error_frame(exc: GatewayError) -> dict[str, Any]:
+    """The error frame a client receives for ``exc``."""
+    frame: dict[str, Any] = {"error": str(exc), "code": exc.code}
+    if exc.session_id is not None:
+        frame["session_id"] = exc.session_id
+    return frame
+
+
+def internal_error_frame() -> dict[str, Any]:
+    """Frame for an unexpected exception: its text stays in the logs."""
+    return {"error": "Internal server error", "code": "internal_error"}

@@ -1,0 +1,89 @@
+"""Every Redis key, stream, consumer group and channel name, built in one place.
+
+Layout (``P`` is the configurable prefix, ``magi`` by default)::
+
+    P:s:{SID}:log        stream   the session's durable message log, entry id 0-SEQ
+    P:s:{SID}:seq        string   last allocated seq
+    P:s:{SID}:meta       hash     appid, owner instance, agents, deadline, completed
+    P:s:{SID}:pending    set      agents that still owe a final
+    P:s:{SID}:results    hash     agent -> {"result_code", "decision"} (for the verdict)
+    P:idem:APPID:RID     string   request_id -> session id (idempotency)
+    P:a:AGENT:requests   stream   requests for one agent, consumer group ``workers``
+    P:a:AGENT:workers    zset     live worker ids, score = heartbeat expiry (ms)
+    P:agents             zset     agents with a live worker, score = expiry (ms)
+    P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
+
+Session keys carry the ``{SID}`` hash tag so one session lives on one Redis Cluster
+shard and the Lua scripts touching them stay single-slot. Everything written has an
+expiry (session keys, idempotency keys, registries) or a trim (request streams).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._types import AgentId, AppId, InstanceId, SessionId
+
+__all__ = ["WORKER_GROUP", "Keys", "SessionKeys"]
+
+#: Consumer group every worker of an agent joins.
+WORKER_GROUP = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    """The keys of one session, all in the same hash slot."""
+
+    log: str
+    seq: str
+    meta: str
+    pending: str
+    results: str
+
+    def all(self) -> list[str]:
+        """All keys, in the order the Lua scripts expect them."""
+        return [self.log, self.seq, self.meta, self.pending, self.results]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builder bound to a prefix, so several deployments can share one Redis."""
+
+    prefix: str = "magi"
+
+    def session(self, session_id: SessionId) -> SessionKeys:
+        """Keys of one session."""
+        base = f"{self.prefix}:s:{{{session_id}}}"
+        return SessionKeys(
+            log=f"{base}:log",
+            seq=f"{base}:seq",
+            meta=f"{base}:meta",
+            pending=f"{base}:pending",
+            results=f"{base}:results",
+        )
+
+    def idempotency(self, appid: AppId, request_id: str) -> str:
+        """Maps a client's request_id to the session it started."""
+        return f"{self.prefix}:idem:{appid}:{request_id}"
+
+    def requests(self, agent_id: AgentId) -> str:
+        """Request stream of one agent."""
+        return f"{self.prefix}:a:{agent_id}:requests"
+
+    def workers(self, agent_id: AgentId) -> str:
+        """Live workers of one agent."""
+        return f"{self.prefix}:a:{agent_id}:workers"
+
+    @property
+    def agents(self) -> str:
+        """Agents with at least one live worker."""
+        return f"{self.prefix}:agents"
+
+    @property
+    def gateway_channel_prefix(self) -> str:
+        """Prefix the Lua scripts complete with the owning instance id."""
+        return f"{self.prefix}:gw:"
+
+    def gateway_channel(self, instance_id: InstanceId) -> str:
+        """Notification channel of one gateway instance."""
+        return f"{self.gateway_channel_prefix}{instance_id}"

@@ -1,0 +1,208 @@
+"""The client protocol, sans-I/O: client frames in, typed messages out, and back.
+
+``parse_client_frame`` turns one WebSocket text frame into a frozen message object
+or raises ``ProtocolError`` with the code the client will see. ``encode`` and the
+``*_tail`` helpers build server frames; a session frame is stored in Redis as
+``{"type":…,"session_id":…,"seq":N,`` + tail, so the tail is the JSON object of the
+remaining fields without its opening brace.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
+
+import orjson
+
+from ._types import AgentId, SessionId
+from .errors import FrameTooLarge, ProtocolError, TooManyAgents
+
+__all__ = [
+    "AGENT_ID_PATTERN",
+    "Cancel",
+    "ClientMessage",
+    "GetAgents",
+    "JudgementRequest",
+    "Limits",
+    "Ping",
+    "Resume",
+    "accepted_tail",
+    "complete_tail",
+    "encode",
+    "final_tail",
+    "parse_client_frame",
+    "stream_tail",
+]
+
+#: Agent ids are used in Redis key names, so they are kept to a safe alphabet.
+AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_SESSION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+_MAX_REQUEST_ID_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds applied while parsing client frames."""
+
+    max_frame_bytes: int = 64 * 1024
+    max_agents: int = 16
+    max_input_bytes: int = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class JudgementRequest:
+    """``agent_judgement``: ask agents to judge an input."""
+
+    agent_ids: tuple[AgentId, ...]
+    user_input: str
+    request_id: str | None = None
+    type: Literal["agent_judgement"] = "agent_judgement"
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """``cancel``: stop a session's pending agents."""
+
+    session_id: SessionId
+    type: Literal["cancel"] = "cancel"
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """``resume``: re-attach to a session and replay messages after ``last_seq``."""
+
+    session_id: SessionId
+    last_seq: int
+    type: Literal["resume"] = "resume"
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``ping``: liveness check, answered with ``pong``."""
+
+    type: Literal["ping"] = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class GetAgents:
+    """``get_agents``: list agents that have live workers."""
+
+    type: Literal["get_agents"] = "get_agents"
+
+
+ClientMessage = JudgementRequest | Cancel | Resume | Ping | GetAgents
+
+
+class ErrorFrame(TypedDict, total=False):
+    """Shape of an error frame (``session_id`` only when one applies)."""
+
+    error: str
+    code: str
+    session_id: str
+
+
+def _field(obj: dict[str, Any], name: str) -> Any:
+    if name not in obj:
+        raise ProtocolError(f"Missing field: {name}", code="missing_field")
+    return obj[name]
+
+
+def _invalid(message: str) -> ProtocolError:
+    return ProtocolError(message, code="invalid_field")
+
+
+def _session_id(obj: dict[str, Any]) -> SessionId:
+    value = _field(obj, "session_id")
+    if not isinstance(value, str) or not _SESSION_ID_PATTERN.match(value):
+        raise _invalid("session_id must be a session id returned by the gateway")
+    return SessionId(value)
+
+
+def _judgement(obj: dict[str, Any], limits: Limits) -> JudgementRequest:
+    agent_ids = _field(obj, "agent_ids")
+    if not isinstance(agent_ids, list) or not agent_ids:
+        raise _invalid("agent_ids must be a non-empty list of strings")
+    if len(agent_ids) > limits.max_agents:
+        raise TooManyAgents(f"At most {limits.max_agents} agents per judgement")
+    for agent_id in agent_ids:
+        if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
+            raise _invalid(
+                "Each agent id must be 1-64 characters of letters, digits, '_', '.' or '-'"
+            )
+    if len(set(agent_ids)) != len(agent_ids):
+        raise _invalid("agent_ids must not repeat an agent")
+    data = _field(obj, "data")
+    if not isinstance(data, dict):
+        raise _invalid("data must be an object")
+    user_input = _field(data, "user_input")
+    if not isinstance(user_input, str):
+        raise _invalid("data.user_input must be a string")
+    if len(user_input.encode()) > limits.max_input_bytes:
+        raise _invalid(f"data.user_input exceeds {limits.max_input_bytes} bytes")
+    request_id = obj.get("request_id")
+    if request_id is not None and (
+        not isinstance(request_id, str) or not 0 < len(request_id) <= _MAX_REQUEST_ID_CHARS
+    ):
+        raise _invalid(f"request_id must be a string of 1-{_MAX_REQUEST_ID_CHARS} characters")
+    return JudgementRequest(tuple(AgentId(a) for a in agent_ids), user_input, request_id)
+
+
+def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
+    """Parse one client text frame; raise ``ProtocolError`` with a client-facing code."""
+    size = len(frame) if isinstance(frame, bytes) else len(frame.encode())
+    if size > limits.max_frame_bytes:
+        raise FrameTooLarge(f"Frame exceeds {limits.max_frame_bytes} bytes")
+    try:
+        obj = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("Invalid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("A message must be a JSON object", code="invalid_message")
+    kind = obj.get("type")
+    if kind is None:
+        raise ProtocolError("Missing message type", code="missing_type")
+    if kind == "agent_judgement":
+        return _judgement(obj, limits)
+    if kind == "ping":
+        return Ping()
+    if kind == "get_agents":
+        return GetAgents()
+    if kind == "cancel":
+        return Cancel(_session_id(obj))
+    if kind == "resume":
+        last_seq = _field(obj, "last_seq")
+        if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
+            raise _invalid("last_seq must be a non-negative integer")
+        return Resume(_session_id(obj), last_seq)
+    shown = kind if isinstance(kind, str) and len(kind) <= 64 else "?"
+    raise ProtocolError(f"Unsupported message type: {shown}", code="unknown_type")
+
+
+def encode(message: Any) -> bytes:
+    """Encode a server frame (compact JSON, UTF-8)."""
+    return orjson.dumps(message)
+
+
+def _tail(fields: dict[str, Any]) -> bytes:
+    return orjson.dumps(fields)[1:]
+
+
+def accepted_tail(agent_ids: tuple[AgentId, ...], request_id: str | None) -> bytes:
+    """Tail of ``agent_judgement_accepted``."""
+    return _tail({"agent_ids": list(agent_ids), "request_id": request_id})
+
+
+def stream_tail(agent_id: str, data: dict[str, Any]) -> bytes:
+    """Tail of ``agent_judgement_stream``."""
+    return _tail({"agent_id": agent_id, "data": data})
+
+
+def final_tail(agent_id: str, result_code: int, data: dict[str, Any]) -> bytes:
+    """Tail of ``agent_judgement_final``."""
+    return _tail({"agent_id": agent_id, "result_code": result_code, "data": data})
+
+
+def complete_tail(verdict: str, results: dict[str, dict[str, Any]]) -> bytes:
+    """Tail of ``agent_judgement_complete``."""
+    return _tail({"data": {"verdict": verdict, "results": results}})

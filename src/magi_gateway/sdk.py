@@ -1,0 +1,131 @@
+"""The worker SDK: write an agent as an async function or a class.
+
+::
+
+    from magi_gateway import Context, Judgement, agent
+
+    @agent("echo")
+    async def echo(user_input: str, ctx: Context) -> Judgement:
+        await ctx.think(f"Reading {user_input!r}")
+        return Judgement("Looks fine to me", decision="approve")
+
+Run it with ``magi-gateway agent mymodule:echo``. Raise ``AgentError("text")`` to fail
+a judgement with a message the client sees (``result_code`` 1); any other exception
+is logged by the worker and reported to the client without its text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._types import AgentId, AppId, SessionId
+from .protocol import AGENT_ID_PATTERN
+from .session import normalize_decision
+
+__all__ = ["Agent", "Context", "FunctionAgent", "Judgement", "JudgementClosed", "agent"]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """An agent's answer: its text and, optionally, ``approve``/``reject``/``abstain``."""
+
+    text: str
+    decision: str | None = None
+    #: Extra JSON-serialisable fields added to the final's ``data``.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_data(self) -> dict[str, Any]:
+        """The ``data`` object of the ``agent_judgement_final`` message."""
+        data: dict[str, Any] = {"judgement": self.text, **self.extra}
+        decision = normalize_decision(self.decision)
+        if decision is not None:
+            data["decision"] = decision
+        return data
+
+
+class JudgementClosed(Exception):
+    """The session no longer accepts this agent's output (final given, timed out, gone)."""
+
+
+ThinkSink = Callable[[str], Awaitable[bool]]
+
+
+class Context:
+    """What an agent knows of the request it is judging, and how it streams thoughts."""
+
+    def __init__(
+        self,
+        *,
+        session_id: SessionId,
+        agent_id: AgentId,
+        appid: AppId,
+        deadline: float,
+        sink: ThinkSink,
+    ) -> None:
+        self.session_id = session_id
+        self.agent_id = agent_id
+        self.appid = appid
+        #: UNIX time after which the gateway gives this agent a timeout final.
+        self.deadline = deadline
+        self._sink = sink
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        """True once the session stopped accepting this agent's output."""
+        return self._closed
+
+    async def think(self, text: str) -> None:
+        """Stream a thinking chunk to the client (``agent_judgement_stream``).
+
+        Raises ``JudgementClosed`` when the session no longer wants this agent's
+        output; the runner then stops the agent quietly.
+        """
+        if self._closed or not await self._sink(text):
+            self._closed = True
+            raise JudgementClosed(self.session_id)
+
+
+class Agent:
+    """Base class for agents: set ``name`` and implement ``judge``."""
+
+    name: str = ""
+
+    async def judge(self, user_input: str, ctx: Context) -> Judgement | str:
+        """Judge ``user_input``; stream with ``ctx.think``; return the judgement."""
+        raise NotImplementedError
+
+    @property
+    def agent_id(self) -> AgentId:
+        """The validated agent id clients ask for."""
+        if not AGENT_ID_PATTERN.match(self.name):
+            raise ValueError(f"invalid agent name {self.name!r}")
+        return AgentId(self.name)
+
+
+AgentFunction = Callable[[str, Context], Awaitable[Judgement | str]]
+
+
+class FunctionAgent(Agent):
+    """An agent made from an async function (see ``agent``)."""
+
+    def __init__(self, name: str, function: AgentFunction) -> None:
+        self.name = name
+        self.function = function
+
+    async def judge(self, user_input: str, ctx: Context) -> Judgement | str:
+        """Call the wrapped function."""
+        return await self.function(user_input, ctx)
+
+
+def agent(name: str) -> Callable[[AgentFunction], FunctionAgent]:
+    """Decorator turning ``async def f(user_input, ctx)`` into an agent named ``name``."""
+
+    def wrap(function: AgentFunction) -> FunctionAgent:
+        made = FunctionAgent(name, function)
+        _ = made.agent_id  # validate the name now, not at the first request
+        return made
+
+    return wrap

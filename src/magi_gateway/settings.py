@@ -1,0 +1,89 @@
+"""Settings: one immutable object, built once from the environment and ``.env``.
+
+Variable names are the field names upper-cased (``REDIS_HOST``, ``JUDGEMENT_TIMEOUT_S``).
+The original service's names (``DEBUG HOST PORT REDIS_HOST REDIS_PORT REDIS_DB
+REDIS_PASSWORD FIXED_SECRET CORS_ORIGINS``) keep working; ``REDIS_URL`` wins over the
+``REDIS_*`` parts when set. Units are part of the names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Gateway and worker configuration."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    debug: bool = False
+    host: str = "0.0.0.0"  # noqa: S104 - a server; `magi-gateway up` binds 127.0.0.1
+    port: int = Field(8000, ge=0, le=65535)
+
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_db: int = Field(0, ge=0)
+    redis_password: str | None = None
+    redis_url: str | None = None
+    #: Prefix of every Redis key, so several deployments can share one server.
+    redis_key_prefix: str = "magi"
+
+    fixed_secret: str | None = None
+    #: JSON object ``{"appid": "secret"}``; when set, only these appids may connect.
+    app_secrets: dict[str, str] = Field(default_factory=dict)
+    #: Previous minutes whose token is still accepted (the seed scheme accepts 1).
+    token_skew_minutes: int = Field(1, ge=0, le=10)
+    #: ``*`` or a comma-separated list of origins, for CORS and the WebSocket Origin check.
+    cors_origins: str = "*"
+
+    judgement_timeout_s: float = Field(60.0, gt=0)
+    session_retention_s: int = Field(600, ge=1)
+    max_agents_per_request: int = Field(16, ge=1, le=16)
+    max_frame_bytes: int = Field(64 * 1024, ge=1024)
+    max_input_bytes: int = Field(32 * 1024, ge=1)
+    #: Stream chunks kept per session; later chunks are dropped (finals never are).
+    max_session_messages: int = Field(10_000, ge=16)
+    #: Messages queued for one slow client before it is closed with 1013.
+    max_outbound_messages: int = Field(1024, ge=1)
+    #: Requests kept per agent stream (approximate trim, a backstop, not a queue policy).
+    request_stream_maxlen: int = Field(100_000, ge=100)
+
+    worker_heartbeat_interval_s: float = Field(2.0, gt=0)
+    #: A worker not heard from for this long is considered gone.
+    worker_ttl_s: float = Field(10.0, gt=0)
+    worker_concurrency: int = Field(16, ge=1)
+
+    redis_backoff_base_s: float = Field(0.05, gt=0)
+    redis_backoff_cap_s: float = Field(5.0, gt=0)
+
+    @field_validator("redis_password", "redis_url", "fixed_secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # The original .env template has `REDIS_PASSWORD=` (empty): that means "none".
+        return None if value == "" else value
+
+    @property
+    def redis_dsn(self) -> str:
+        """The Redis URL to connect to: ``REDIS_URL`` or one built from the parts."""
+        if self.redis_url:
+            return self.redis_url
+        auth = f":{quote(self.redis_password, safe='')}@" if self.redis_password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """``CORS_ORIGINS`` split on commas, blanks removed."""
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def secrets_configured(self) -> bool:
+        """Whether any appid can authenticate at all."""
+        return bool(self.fixed_secret or self.app_secrets)

@@ -1,0 +1,354 @@
+"""The Redis side of sessions, requests and worker liveness, shared by gateway and workers.
+
+A session's log is written only through ``_APPEND_LUA``, which in one atomic step
+allocates the next seq, builds the final wire frame, stores it under stream id
+``0-SEQ``, refreshes expiries, and publishes it to the gateway instance that owns
+the session. Finals are deduplicated there (one per agent, whoever writes first:
+worker, timeout or cancel); the writer of the last final also writes the
+``agent_judgement_complete`` message, guarded so it exists once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from . import protocol
+from ._redis import redis_errors
+from ._types import AgentId, AppId, InstanceId, SessionId
+from .keys import Keys
+from .session import ResultCode, compute_verdict, normalize_decision
+
+__all__ = ["AppendResult", "Request", "SessionInfo", "Store", "now_ms"]
+
+_APPEND_LUA = """
+-- KEYS: log seq meta pending results
+-- ARGV: mode type session_id tail agent_id result_json channel_prefix
+local meta = KEYS[3]
+if redis.call('EXISTS', meta) == 0 then return {-1} end
+if redis.call('HEXISTS', meta, 'completed') == 1 then return {-2} end
+local mode = ARGV[1]
+if mode == 'stream' then
+  if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-3} end
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current >= tonumber(redis.call('HGET', meta, 'max_msgs')) then return {-4} end
+elseif mode == 'final' then
+  if redis.call('SREM', KEYS[4], ARGV[5]) == 0 then return {-3} end
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
+elseif mode == 'complete' then
+  if redis.call('SCARD', KEYS[4]) > 0 then return {-5} end
+  redis.call('HSET', meta, 'completed', '1')
+end
+local seq = redis.call('INCR', KEYS[2])
+local frame = '{"type":"' .. ARGV[2] .. '","session_id":"' .. ARGV[3] .. '","seq":' .. seq .. ',' .. ARGV[4]
+redis.call('XADD', KEYS[1], '0-' .. seq, 'f', frame)
+local ttl = redis.call('HGET', meta, mode == 'complete' and 'retention_ms' or 'ttl_ms')
+for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+local owner = redis.call('HGET', meta, 'owner')
+if owner and owner ~= '' then
+  redis.call('PUBLISH', ARGV[7] .. owner, ARGV[3] .. '\\n' .. seq .. '\\n' .. frame)
+end
+if mode == 'final' and redis.call('SCARD', KEYS[4]) == 0 then
+  return {seq, 0, redis.call('HGET', meta, 'agents'), redis.call('HGETALL', KEYS[5])}
+end
+return {seq, 1}
+"""
+
+# Negative codes returned by _APPEND_LUA, by meaning.
+_GONE, _COMPLETED, _NOT_PENDING, _FULL, _STILL_PENDING = -1, -2, -3, -4, -5
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, the unit of deadlines and heartbeats in Redis."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Outcome of appending a message: its seq, or None when it was not written."""
+
+    seq: int | None
+    #: True when this append wrote the session's last final (and so its completion).
+    completed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """What Redis knows of a session."""
+
+    session_id: SessionId
+    appid: AppId
+    agent_ids: tuple[AgentId, ...]
+    owner: InstanceId | None
+    deadline_ms: int
+    completed: bool
+    pending: frozenset[AgentId]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One judgement request as a worker reads it from an agent's stream."""
+
+    message_id: bytes
+    session_id: SessionId
+    agent_id: AgentId
+    user_input: str
+    deadline_ms: int
+    appid: AppId
+
+    @classmethod
+    def from_fields(cls, message_id: bytes, fields: Mapping[bytes, bytes]) -> Request:
+        """Decode the stream entry written by ``Store.enqueue_request``."""
+        return cls(
+            message_id=message_id,
+            session_id=SessionId(fields[b"sid"].decode()),
+            agent_id=AgentId(fields[b"agent"].decode()),
+            user_input=fields[b"input"].decode(),
+            deadline_ms=int(fields[b"deadline_ms"]),
+            appid=AppId(fields.get(b"appid", b"").decode()),
+        )
+
+
+class Store:
+    """Session, request and liveness operations on one Redis client."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        retention_s: int = 600,
+        max_session_messages: int = 10_000,
+        request_stream_maxlen: int = 100_000,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.retention_ms = retention_s * 1000
+        self.max_session_messages = max_session_messages
+        self.request_stream_maxlen = request_stream_maxlen
+        self._append = redis.register_script(_APPEND_LUA)
+
+    # -- sessions --------------------------------------------------------------
+
+    async def claim_request_id(
+        self, appid: AppId, request_id: str, session_id: SessionId, ttl_ms: int
+    ) -> SessionId | None:
+        """Bind ``request_id`` to ``session_id``; return the session it already names."""
+        key = self.keys.idempotency(appid, request_id)
+        with redis_errors():
+            if await self.redis.set(key, session_id, nx=True, px=ttl_ms):
+                return None
+            existing = await self.redis.get(key)
+        return SessionId(existing.decode()) if existing else None
+
+    async def create_session(
+        self,
+        session_id: SessionId,
+        appid: AppId,
+        owner: InstanceId,
+        agent_ids: Sequence[AgentId],
+        deadline_ms: int,
+        request_id: str | None,
+    ) -> None:
+        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1)."""
+        keys = self.keys.session(session_id)
+        ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
+        with redis_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(
+                    keys.meta,
+                    mapping={
+                        "appid": appid,
+                        "owner": owner,
+                        "agents": orjson.dumps(list(agent_ids)),
+                        "deadline_ms": deadline_ms,
+                        "request_id": request_id or "",
+                        "ttl_ms": ttl_ms,
+                        "retention_ms": self.retention_ms,
+                        "max_msgs": self.max_session_messages,
+                    },
+                )
+                pipe.sadd(keys.pending, *agent_ids)
+                pipe.pexpire(keys.meta, ttl_ms)
+                pipe.pexpire(keys.pending, ttl_ms)
+                await pipe.execute()
+        await self._run_append(
+            session_id, "any", "agent_judgement_accepted",
+            protocol.accepted_tail(tuple(agent_ids), request_id),
+        )
+
+    async def session_info(self, session_id: SessionId) -> SessionInfo | None:
+        """The session's metadata, or None when unknown or expired."""
+        keys = self.keys.session(session_id)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(keys.meta)
+                pipe.smembers(keys.pending)
+                meta, pending = await pipe.execute()
+        if not meta:
+            return None
+        owner = meta.get(b"owner", b"").decode()
+        return SessionInfo(
+            session_id=session_id,
+            appid=AppId(meta[b"appid"].decode()),
+            agent_ids=tuple(AgentId(a) for a in orjson.loads(meta[b"agents"])),
+            owner=InstanceId(owner) if owner else None,
+            deadline_ms=int(meta[b"deadline_ms"]),
+            completed=b"completed" in meta,
+            pending=frozenset(AgentId(a.decode()) for a in pending),
+        )
+
+    async def set_owner(self, session_id: SessionId, owner: InstanceId) -> None:
+        """Route the session's notifications to ``owner`` from now on."""
+        with redis_errors():
+            await self.redis.hset(self.keys.session(session_id).meta, "owner", owner)
+
+    async def read_log(
+        self, session_id: SessionId, first_seq: int, last_seq: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """Stored frames with ``first_seq <= seq <= last_seq`` (to the end when None)."""
+        end = "+" if last_seq is None else f"0-{last_seq}"
+        with redis_errors():
+            entries = await self.redis.xrange(
+                self.keys.session(session_id).log, f"0-{first_seq}", end
+            )
+        return [(int(entry_id.split(b"-")[1]), fields[b"f"]) for entry_id, fields in entries]
+
+    async def _run_append(
+        self,
+        session_id: SessionId,
+        mode: str,
+        message_type: str,
+        tail: bytes,
+        agent_id: str = "",
+        result: bytes = b"",
+    ) -> list[Any]:
+        keys = self.keys.session(session_id)
+        with redis_errors():
+            reply: list[Any] = await self._append(
+                keys=keys.all(),
+                args=[
+                    mode, message_type, session_id, tail, agent_id, result,
+                    self.keys.gateway_channel_prefix,
+                ],
+            )
+        return reply
+
+    async def append_stream(
+        self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]
+    ) -> AppendResult:
+        """Append a thinking chunk; dropped once the agent has its final or the log is full."""
+        reply = await self._run_append(
+            session_id, "stream", "agent_judgement_stream", protocol.stream_tail(agent_id, data),
+            agent_id,
+        )
+        return AppendResult(reply[0] if reply[0] > 0 else None)
+
+    async def append_final(
+        self,
+        session_id: SessionId,
+        agent_id: AgentId,
+        result_code: ResultCode,
+        data: dict[str, Any],
+    ) -> AppendResult:
+        """Append the agent's final unless it has one; complete the session after the last."""
+        summary: dict[str, Any] = {"result_code": int(result_code)}
+        decision = normalize_decision(data.get("decision"))
+        if decision is not None:
+            summary["decision"] = decision
+        result = orjson.dumps(summary)
+        reply = await self._run_append(
+            session_id, "final", "agent_judgement_final",
+            protocol.final_tail(agent_id, int(result_code), data), agent_id, result,
+        )
+        if reply[0] < 0:
+            return AppendResult(None)
+        if reply[1] != 0:
+            return AppendResult(reply[0])
+        agents: list[str] = orjson.loads(reply[2])
+        flat: list[bytes] = reply[3]
+        by_agent = {
+            flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)
+        }
+        results = {a: by_agent[a] for a in agents if a in by_agent}
+        verdict = compute_verdict(r.get("decision") for r in results.values())
+        done = await self._run_append(
+            session_id, "complete", "agent_judgement_complete",
+            protocol.complete_tail(verdict, results),
+        )
+        return AppendResult(reply[0], completed=done[0] > 0)
+
+    # -- requests ----------------------------------------------------------------
+
+    async def enqueue_request(
+        self,
+        session_id: SessionId,
+        agent_id: AgentId,
+        user_input: str,
+        deadline_ms: int,
+        appid: AppId,
+    ) -> None:
+        """Add a request to the agent's stream for its workers' consumer group."""
+        with redis_errors():
+            await self.redis.xadd(
+                self.keys.requests(agent_id),
+                {
+                    "sid": session_id,
+                    "agent": agent_id,
+                    "input": user_input,
+                    "deadline_ms": deadline_ms,
+                    "appid": appid,
+                },
+                maxlen=self.request_stream_maxlen,
+                approximate=True,
+            )
+
+    # -- liveness ----------------------------------------------------------------
+
+    async def heartbeat(
+        self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int
+    ) -> None:
+        """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``."""
+        now = now_ms()
+        expires = now + ttl_ms
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    workers = self.keys.workers(agent_id)
+                    pipe.zadd(workers, {worker_id: expires})
+                    pipe.zremrangebyscore(workers, "-inf", now)
+                    pipe.pexpire(workers, ttl_ms * 3)
+                    pipe.zadd(self.keys.agents, {agent_id: expires}, gt=True)
+                pipe.zremrangebyscore(self.keys.agents, "-inf", now)
+                pipe.pexpire(self.keys.agents, ttl_ms * 3)
+                await pipe.execute()
+
+    async def retire_worker(self, worker_id: str, agent_ids: Sequence[AgentId]) -> None:
+        """Remove a stopping worker from the live sets at once."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    pipe.zrem(self.keys.workers(agent_id), worker_id)
+                await pipe.execute()
+
+    async def live_worker_counts(self, agent_ids: Sequence[AgentId]) -> dict[AgentId, int]:
+        """Number of live workers for each agent."""
+        now = now_ms()
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    pipe.zcount(self.keys.workers(agent_id), now, "+inf")
+                counts = await pipe.execute()
+        return dict(zip(agent_ids, (int(c) for c in counts), strict=True))
+
+    async def live_agents(self) -> dict[AgentId, int]:
+        """Agents with at least one live worker, and how many."""
+        with redis_errors():
+            names = await self.redis.zrangebyscore(self.keys.agents, now_ms(), "+inf")
+        counts = await self.live_worker_counts([AgentId(n.decode()) for n in names])
+        return {agent: n for agent, n in sorted(counts.items()) if n > 0}
