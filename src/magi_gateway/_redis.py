@@ -42,9 +42,7 @@ class Backoff:
 def connect(settings: Settings, *, client_name: str = "magi-gateway") -> Redis:
     """A Redis client for ``settings.redis_dsn`` (``redis://``, ``rediss://``, ``unix://``)."""
     retry = Retry(
-        ExponentialWithJitterBackoff(
-            cap=settings.redis_backoff_cap_s, base=settings.redis_backoff_base_s
-        ),
+        ExponentialWithJitterBackoff(cap=settings.redis_backoff_cap_s, base=settings.redis_backoff_base_s),
         retries=_COMMAND_RETRIES,
     )
     return Redis.from_url(

@@ -61,9 +61,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             body = None
         appid = body.get("appid") if isinstance(body, dict) else None
         if not isinstance(appid, str) or not appid:
-            return JSONResponse(
-                {"error": "Body must be {\"appid\": \"...\"}", "code": "invalid_message"}, 400
-            )
+            return JSONResponse({"error": 'Body must be {"appid": "..."}', "code": "invalid_message"}, 400)
         secret = verifier.secret_for(appid)
         if secret is None:
             return JSONResponse({"error": "Unknown appid", "code": "auth_failed"}, 403)

@@ -92,18 +92,29 @@ class RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
             self.binary,
-            "--port", str(self.port),
-            "--bind", self.host,
-            "--dir", str(self.data_dir),
-            "--logfile", str(self.log_path),
-            "--save", "",
-            "--appendonly", "yes" if self.persistence else "no",
-            "--appendfsync", "everysec",
-            "--protected-mode", "yes",
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(self.data_dir),
+            "--logfile",
+            str(self.log_path),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistence else "no",
+            "--appendfsync",
+            "everysec",
+            "--protected-mode",
+            "yes",
             *self.extra_args,
         ]
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s

@@ -30,16 +30,12 @@ _AUTH_THROTTLED = protocol.encode(
 class WebSocketEndpoint:
     """ASGI-level handler of one WebSocket connection."""
 
-    def __init__(
-        self, gateway: Gateway, verifier: TokenVerifier, throttle: FailureThrottle
-    ) -> None:
+    def __init__(self, gateway: Gateway, verifier: TokenVerifier, throttle: FailureThrottle) -> None:
         self.gateway = gateway
         self.verifier = verifier
         self.throttle = throttle
         origins = gateway.settings.cors_origin_list
-        self.allowed_origins: frozenset[str] | None = (
-            None if "*" in origins else frozenset(origins)
-        )
+        self.allowed_origins: frozenset[str] | None = None if "*" in origins else frozenset(origins)
 
     async def handle(self, websocket: WebSocket) -> None:
         """Authenticate, then pump frames both ways until either side closes."""

@@ -48,9 +48,7 @@ class GatewayError(Exception):
 
     code = "internal_error"
 
-    def __init__(
-        self, message: str, *, code: str | None = None, session_id: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, code: str | None = None, session_id: str | None = None) -> None:
         super().__init__(message)
         if code is not None:
             self.code = code

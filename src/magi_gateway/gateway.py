@@ -136,9 +136,7 @@ class Gateway:
             peer=peer,
         )
         self._connections[connection.id] = connection
-        connection.push(
-            protocol.encode({"type": "connection_established", "connection_id": connection.id})
-        )
+        connection.push(protocol.encode({"type": "connection_established", "connection_id": connection.id}))
         metrics.CONNECTIONS.inc()
         return connection
 
@@ -183,9 +181,7 @@ class Gateway:
         elif isinstance(message, protocol.Resume):
             await self.attach(connection, message.session_id, message.last_seq)
         else:
-            raise ProtocolError(
-                "cancel is not supported by this gateway version", code="unsupported"
-            )
+            raise ProtocolError("cancel is not supported by this gateway version", code="unsupported")
 
     # -- sessions ----------------------------------------------------------------
 
@@ -196,7 +192,9 @@ class Gateway:
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         if request.request_id is not None:
             existing = await self.store.claim_request_id(
-                appid, request.request_id, session_id,
+                appid,
+                request.request_id,
+                session_id,
                 timeout_ms + self.settings.session_retention_s * 1000,
             )
             if existing is not None:
@@ -208,7 +206,11 @@ class Gateway:
         session = self._track(session_id, connection, 0)
         try:
             await self.store.create_session(
-                session_id, appid, self.instance_id, request.agent_ids, deadline_ms,
+                session_id,
+                appid,
+                self.instance_id,
+                request.agent_ids,
+                deadline_ms,
                 request.request_id,
             )
         except BackendUnavailable:
@@ -217,13 +219,13 @@ class Gateway:
         metrics.SESSIONS_STARTED.inc()
         for agent_id in request.agent_ids:
             if live.get(agent_id, 0) > 0:
-                await self.store.enqueue_request(
-                    session_id, agent_id, request.user_input, deadline_ms, appid
-                )
+                await self.store.enqueue_request(session_id, agent_id, request.user_input, deadline_ms, appid)
         for agent_id in request.agent_ids:
             if live.get(agent_id, 0) == 0:
                 await self.store.append_final(
-                    session_id, agent_id, ResultCode.NO_AGENT,
+                    session_id,
+                    agent_id,
+                    ResultCode.NO_AGENT,
                     {"error": f"No live worker serves agent '{agent_id}'"},
                 )
         self._arm_timeout(session, deadline_ms)
@@ -251,9 +253,7 @@ class Gateway:
         if info.completed:
             self._untrack(session)
 
-    def _track(
-        self, session_id: SessionId, connection: Connection, last_seq: int
-    ) -> _LocalSession:
+    def _track(self, session_id: SessionId, connection: Connection, last_seq: int) -> _LocalSession:
         session = _LocalSession(session_id, connection, last_seq)
         self._sessions[session_id] = session
         connection.sessions.add(session_id)
@@ -286,9 +286,7 @@ class Gateway:
                 return
             for agent_id in info.agent_ids:
                 if agent_id in info.pending:
-                    await self.store.append_final(
-                        session_id, agent_id, ResultCode.TIMEOUT, {"error": error}
-                    )
+                    await self.store.append_final(session_id, agent_id, ResultCode.TIMEOUT, {"error": error})
         except BackendUnavailable:
             # Redis is down: try again shortly; finals are deduplicated, so retrying is safe.
             session = self._sessions.get(session_id)
@@ -324,9 +322,7 @@ class Gateway:
         async with session.lock:
             offer = session.cursor.offer(seq)
             if isinstance(offer, Gap):
-                for missing_seq, missing in await self.store.read_log(
-                    session_id, offer.first, offer.last
-                ):
+                for missing_seq, missing in await self.store.read_log(session_id, offer.first, offer.last):
                     self._push(session, missing_seq, missing)
                 offer = session.cursor.offer(seq)
             if offer is True:
@@ -336,9 +332,7 @@ class Gateway:
         """After a subscription outage, deliver what was logged meanwhile."""
         for session in list(self._sessions.values()):
             async with session.lock:
-                for seq, frame in await self.store.read_log(
-                    session.id, session.cursor.last_seq + 1
-                ):
+                for seq, frame in await self.store.read_log(session.id, session.cursor.last_seq + 1):
                     self._push(session, seq, frame)
 
     async def _listen(self) -> None:
@@ -370,7 +364,7 @@ class Gateway:
                 await asyncio.sleep(delay)
             finally:
                 if pubsub is not None:
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def _on_notification(self, data: bytes) -> None:
         session_part, seq_part, frame = data.split(b"\n", 2)
@@ -396,9 +390,7 @@ class Gateway:
         self._probes[token] = probe
         try:
             with redis_errors():
-                await self.redis.publish(
-                    self.keys.gateway_channel(self.instance_id), b"\n0\n" + token
-                )
+                await self.redis.publish(self.keys.gateway_channel(self.instance_id), b"\n0\n" + token)
             await asyncio.wait_for(probe, timeout_s)
             return True
         except (BackendUnavailable, TimeoutError):

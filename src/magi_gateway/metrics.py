@@ -6,8 +6,8 @@ from prometheus_client import Counter, Gauge
 
 __all__ = [
     "AUTH_FAILURES",
-    "CONNECTIONS",
     "CLIENT_ERRORS",
+    "CONNECTIONS",
     "MESSAGES_OUT",
     "REDIS_RECONNECTS",
     "SESSIONS_STARTED",

@@ -127,9 +127,7 @@ def _judgement(obj: dict[str, Any], limits: Limits) -> JudgementRequest:
         raise TooManyAgents(f"At most {limits.max_agents} agents per judgement")
     for agent_id in agent_ids:
         if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
-            raise _invalid(
-                "Each agent id must be 1-64 characters of letters, digits, '_', '.' or '-'"
-            )
+            raise _invalid("Each agent id must be 1-64 characters of letters, digits, '_', '.' or '-'")
     if len(set(agent_ids)) != len(agent_ids):
         raise _invalid("agent_ids must not repeat an agent")
     data = _field(obj, "data")

@@ -20,9 +20,7 @@ __all__ = ["Settings"]
 class Settings(BaseSettings):
     """Gateway and worker configuration."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
 
     debug: bool = False
     host: str = "0.0.0.0"  # noqa: S104 - a server; `magi-gateway up` binds 127.0.0.1

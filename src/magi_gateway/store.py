@@ -143,7 +143,7 @@ class Store:
         with redis_errors():
             if await self.redis.set(key, session_id, nx=True, px=ttl_ms):
                 return None
-            existing = await self.redis.get(key)
+            existing: Any = await self.redis.get(key)
         return SessionId(existing.decode()) if existing else None
 
     async def create_session(
@@ -178,7 +178,9 @@ class Store:
                 pipe.pexpire(keys.pending, ttl_ms)
                 await pipe.execute()
         await self._run_append(
-            session_id, "any", "agent_judgement_accepted",
+            session_id,
+            "any",
+            "agent_judgement_accepted",
             protocol.accepted_tail(tuple(agent_ids), request_id),
         )
 
@@ -214,9 +216,7 @@ class Store:
         """Stored frames with ``first_seq <= seq <= last_seq`` (to the end when None)."""
         end = "+" if last_seq is None else f"0-{last_seq}"
         with redis_errors():
-            entries = await self.redis.xrange(
-                self.keys.session(session_id).log, f"0-{first_seq}", end
-            )
+            entries: Any = await self.redis.xrange(self.keys.session(session_id).log, f"0-{first_seq}", end)
         return [(int(entry_id.split(b"-")[1]), fields[b"f"]) for entry_id, fields in entries]
 
     async def _run_append(
@@ -233,7 +233,12 @@ class Store:
             reply: list[Any] = await self._append(
                 keys=keys.all(),
                 args=[
-                    mode, message_type, session_id, tail, agent_id, result,
+                    mode,
+                    message_type,
+                    session_id,
+                    tail,
+                    agent_id,
+                    result,
                     self.keys.gateway_channel_prefix,
                 ],
             )
@@ -244,7 +249,10 @@ class Store:
     ) -> AppendResult:
         """Append a thinking chunk; dropped once the agent has its final or the log is full."""
         reply = await self._run_append(
-            session_id, "stream", "agent_judgement_stream", protocol.stream_tail(agent_id, data),
+            session_id,
+            "stream",
+            "agent_judgement_stream",
+            protocol.stream_tail(agent_id, data),
             agent_id,
         )
         return AppendResult(reply[0] if reply[0] > 0 else None)
@@ -263,8 +271,12 @@ class Store:
             summary["decision"] = decision
         result = orjson.dumps(summary)
         reply = await self._run_append(
-            session_id, "final", "agent_judgement_final",
-            protocol.final_tail(agent_id, int(result_code), data), agent_id, result,
+            session_id,
+            "final",
+            "agent_judgement_final",
+            protocol.final_tail(agent_id, int(result_code), data),
+            agent_id,
+            result,
         )
         if reply[0] < 0:
             return AppendResult(None)
@@ -272,13 +284,13 @@ class Store:
             return AppendResult(reply[0])
         agents: list[str] = orjson.loads(reply[2])
         flat: list[bytes] = reply[3]
-        by_agent = {
-            flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)
-        }
+        by_agent = {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
         results = {a: by_agent[a] for a in agents if a in by_agent}
         verdict = compute_verdict(r.get("decision") for r in results.values())
         done = await self._run_append(
-            session_id, "complete", "agent_judgement_complete",
+            session_id,
+            "complete",
+            "agent_judgement_complete",
             protocol.complete_tail(verdict, results),
         )
         return AppendResult(reply[0], completed=done[0] > 0)
@@ -310,9 +322,7 @@ class Store:
 
     # -- liveness ----------------------------------------------------------------
 
-    async def heartbeat(
-        self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int
-    ) -> None:
+    async def heartbeat(self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int) -> None:
         """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``."""
         now = now_ms()
         expires = now + ttl_ms
@@ -349,6 +359,6 @@ class Store:
     async def live_agents(self) -> dict[AgentId, int]:
         """Agents with at least one live worker, and how many."""
         with redis_errors():
-            names = await self.redis.zrangebyscore(self.keys.agents, now_ms(), "+inf")
+            names: Any = await self.redis.zrangebyscore(self.keys.agents, now_ms(), "+inf")
         counts = await self.live_worker_counts([AgentId(n.decode()) for n in names])
         return {agent: n for agent, n in sorted(counts.items()) if n > 0}

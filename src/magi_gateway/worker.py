@@ -110,7 +110,7 @@ class Worker:
 
     async def _read_loop(self) -> None:
         backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
-        streams = {self.keys.requests(a): ">" for a in self.agents}
+        streams: Any = {self.keys.requests(a): ">" for a in self.agents}
         groups_ready = False
         while not self._stopping.is_set():
             await self._slots.acquire()
@@ -121,7 +121,7 @@ class Worker:
                     await self._ensure_groups()
                     groups_ready = True
                 with redis_errors():
-                    reply = await self.redis.xreadgroup(
+                    reply: Any = await self.redis.xreadgroup(
                         WORKER_GROUP, self.worker_id, streams, count=free, block=_READ_BLOCK_MS
                     )
             except BackendUnavailable as exc:
@@ -139,9 +139,7 @@ class Worker:
             for _stream, entries in reply:
                 for message_id, fields in entries:
                     await self._slots.acquire()
-                    task = asyncio.create_task(
-                        self._serve(Request.from_fields(message_id, fields))
-                    )
+                    task = asyncio.create_task(self._serve(Request.from_fields(message_id, fields)))
                     self._active.add(task)
                     task.add_done_callback(self._served)
 
@@ -172,9 +170,7 @@ class Worker:
             return
 
         async def sink(text: str) -> bool:
-            result = await self.store.append_stream(
-                request.session_id, request.agent_id, {"thinking": text}
-            )
+            result = await self.store.append_stream(request.session_id, request.agent_id, {"thinking": text})
             return result.seq is not None
 
         ctx = Context(
@@ -204,9 +200,7 @@ class Worker:
         await self._write_final(request, code, data)
         await self._ack(request)
 
-    async def _write_final(
-        self, request: Request, code: ResultCode, data: dict[str, Any]
-    ) -> None:
+    async def _write_final(self, request: Request, code: ResultCode, data: dict[str, Any]) -> None:
         backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
         for _attempt in range(_FINAL_RETRY_LIMIT):
             try:
@@ -220,9 +214,6 @@ class Worker:
     async def _ack(self, request: Request) -> None:
         try:
             with redis_errors():
-                await self.redis.xack(
-                    self.keys.requests(request.agent_id), WORKER_GROUP, request.message_id
-                )
+                await self.redis.xack(self.keys.requests(request.agent_id), WORKER_GROUP, request.message_id)
         except BackendUnavailable:
             logger.warning("could not acknowledge %s", request.message_id)
-

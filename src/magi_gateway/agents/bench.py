@@ -13,7 +13,11 @@ class BenchAgent(Agent):
     """Streams ``chunks`` chunks of ``chunk_bytes`` bytes each, then approves."""
 
     def __init__(
-        self, name: str = "bench", *, chunks: int = 50, chunk_bytes: int = 100,
+        self,
+        name: str = "bench",
+        *,
+        chunks: int = 50,
+        chunk_bytes: int = 100,
         delay_s: float = 0.0,
     ) -> None:
         self.name = name

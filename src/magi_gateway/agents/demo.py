@@ -32,7 +32,11 @@ class DemoAgent(Agent):
     """One MAGI demo persona."""
 
     def __init__(
-        self, name: str, title: str, concerns: frozenset[str], lines: tuple[str, ...],
+        self,
+        name: str,
+        title: str,
+        concerns: frozenset[str],
+        lines: tuple[str, ...],
         delay_s: float = 0.15,
     ) -> None:
         self.name = name
@@ -69,7 +73,8 @@ def demo_agents(delay_s: float = 0.15) -> list[DemoAgent]:
     """Fresh instances of MELCHIOR, BALTHASAR and CASPER."""
     return [
         DemoAgent(
-            "melchior", "MELCHIOR-1",
+            "melchior",
+            "MELCHIOR-1",
             frozenset({"unproven", "untested", "unsafe", "risky", "guess", "rumour", "rumor"}),
             (
                 "{title} (the scientist) is reading the request.",
@@ -80,7 +85,8 @@ def demo_agents(delay_s: float = 0.15) -> list[DemoAgent]:
             delay_s,
         ),
         DemoAgent(
-            "balthasar", "BALTHASAR-2",
+            "balthasar",
+            "BALTHASAR-2",
             frozenset({"harm", "hurt", "danger", "dangerous", "kill", "attack", "weapon", "destroy"}),
             (
                 "{title} (the mother) is reading the request.",
@@ -91,7 +97,8 @@ def demo_agents(delay_s: float = 0.15) -> list[DemoAgent]:
             delay_s,
         ),
         DemoAgent(
-            "casper", "CASPER-3",
+            "casper",
+            "CASPER-3",
             frozenset({"lie", "cheat", "steal", "betray", "boring", "ugly", "forbidden"}),
             (
                 "{title} (the woman) is reading the request.",

@@ -1,0 +1,15 @@
+"""The original entry point, kept working: ``python main.py`` or ``uvicorn main:app``.
+
+Configuration comes from the environment and ``.env`` (see README, Configuration).
+"""
+
+from magi_gateway.app import create_app
+from magi_gateway.settings import Settings
+
+settings = Settings()
+app = create_app(settings)
+
+if __name__ == "__main__":
+    import uvicorn
+
+    uvicorn.run(app, host=settings.host, port=settings.port, ws_max_size=4 * settings.max_frame_bytes)

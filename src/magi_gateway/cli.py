@@ -1,0 +1,262 @@
+"""The ``magi-gateway`` command line: up, serve, agent, ask, token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import uvicorn
+from rich.console import Console
+
+from ._terminal import render_judgement
+from .agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
+from .auth import compute_token, minute_of
+from .client import MagiClient
+from .embedded import RedisServer, free_port
+from .sdk import Agent
+from .settings import Settings
+from .worker import Worker
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="Magi Gateway: WebSocket access to AI agents over Redis.", no_args_is_help=True)
+console = Console()
+
+DEFAULT_DATA_DIR = Path(".magi")
+DEMO_QUESTION = "Should NERV deploy the untested weapon against the Angel?"
+_AGENT_HELP = "demo | melchior | balthasar | casper | bench | module:object"
+_REDIS_FIELDS = {"redis_url", "redis_host", "redis_port", "redis_db", "redis_password"}
+
+
+def _secret(settings: Settings, data_dir: Path, *, create: bool) -> str:
+    """FIXED_SECRET, else the secret ``up`` stored in the data dir (made when ``create``)."""
+    if settings.fixed_secret:
+        return settings.fixed_secret
+    path = data_dir / "secret"
+    if path.is_file():
+        return path.read_text().strip()
+    if not create:
+        raise typer.BadParameter(
+            "No secret: set FIXED_SECRET, pass --secret, or run `magi-gateway up` here first"
+        )
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(18)
+    path.write_text(secret + "\n")
+    path.chmod(0o600)
+    return secret
+
+
+def _uvicorn_config(asgi: Any, settings: Settings, host: str, port: int, level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        asgi,
+        host=host,
+        port=port,
+        log_level=level,
+        lifespan="on",
+        # Frames up to 4x the protocol limit reach the gateway and get a clear error;
+        # only larger ones are cut by the transport (close 1009).
+        ws_max_size=4 * settings.max_frame_bytes,
+        factory=isinstance(asgi, str),
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Bind address [env HOST]")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env PORT]")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Run the gateway only (Redis and workers run elsewhere)."""
+    settings = Settings()
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = _uvicorn_config(
+        "magi_gateway.app:create_app",
+        settings,
+        host or settings.host,
+        port or settings.port,
+        log_level,
+    )
+    uvicorn.Server(config).run()
+
+
+def load_agents(specs: list[str], *, chunks: int, chunk_bytes: int, delay_s: float) -> list[Agent]:
+    """Agents named by ``specs``: demo, melchior|balthasar|casper, bench, or module:object."""
+    agents: list[Agent] = []
+    demo = {a.name: a for a in demo_agents()}
+    for spec in specs:
+        if spec == "demo":
+            agents.extend(demo.values())
+        elif spec in DEMO_AGENT_NAMES:
+            agents.append(demo[spec])
+        elif spec == "bench":
+            agents.append(BenchAgent(chunks=chunks, chunk_bytes=chunk_bytes, delay_s=delay_s))
+        elif ":" in spec:
+            module_name, _, attr = spec.partition(":")
+            obj = getattr(importlib.import_module(module_name), attr)
+            if isinstance(obj, type) and issubclass(obj, Agent):
+                obj = obj()
+            found = obj if isinstance(obj, list | tuple) else [obj]
+            for item in found:
+                if not isinstance(item, Agent):
+                    raise typer.BadParameter(f"{spec} is not an Agent (see magi_gateway.agent)")
+                agents.append(item)
+        else:
+            raise typer.BadParameter(
+                f"unknown agent {spec!r}: use demo, melchior, balthasar, casper, bench or module:object"
+            )
+    return agents
+
+
+async def _run_worker(worker: Worker) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+
+
+@app.command()
+def agent(
+    names: Annotated[
+        list[str],
+        typer.Argument(help="demo | melchior | balthasar | casper | bench | module:object"),
+    ],
+    concurrency: Annotated[
+        int | None, typer.Option(help="Requests run at once [env WORKER_CONCURRENCY]")
+    ] = None,
+    burst: Annotated[bool, typer.Option(help="Exit once no request is waiting")] = False,
+    chunks: Annotated[int, typer.Option(help="bench: chunks per request")] = 50,
+    chunk_bytes: Annotated[int, typer.Option("--bytes", help="bench: bytes per chunk")] = 100,
+    delay: Annotated[float, typer.Option(help="bench: seconds between chunks")] = 0.0,
+) -> None:
+    """Run a worker serving the named agents."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    agents = load_agents(names, chunks=chunks, chunk_bytes=chunk_bytes, delay_s=delay)
+    worker = Worker(agents, Settings(), concurrency=concurrency, burst=burst)
+    console.print(f"worker {worker.worker_id} serving {', '.join(worker.agents)}", style="dim")
+    asyncio.run(_run_worker(worker))
+
+
+@app.command()
+def token(
+    appid: Annotated[str, typer.Argument(help="Application id")],
+    secret: Annotated[str | None, typer.Option(help="Secret [env FIXED_SECRET]")] = None,
+    data_dir: Annotated[Path, typer.Option(help="Where `up` keeps its secret")] = DEFAULT_DATA_DIR,
+) -> None:
+    """Print a token valid for the current minute."""
+    settings = Settings()
+    chosen = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
+    typer.echo(compute_token(appid, chosen, minute_of(time.time())))
+
+
+async def _ask(url: str, appid: str, secret: str, text: str, agent_ids: list[str]) -> str:
+    async with MagiClient(url, appid=appid, secret=secret) as client:
+        complete = await render_judgement(console, agent_ids, client.judge(text, agent_ids))
+    return str(complete["data"]["verdict"]) if complete else "none"
+
+
+@app.command()
+def ask(
+    text: Annotated[str, typer.Argument(help="The input the agents judge")],
+    url: Annotated[str | None, typer.Option(help="Gateway WebSocket URL")] = None,
+    appid: Annotated[str, typer.Option(help="Application id")] = "magi-cli",
+    secret: Annotated[str | None, typer.Option(help="Secret [env FIXED_SECRET]")] = None,
+    agents: Annotated[str, typer.Option(help="Comma-separated agent ids")] = ",".join(DEMO_AGENT_NAMES),
+    data_dir: Annotated[Path, typer.Option(help="Where `up` keeps its secret")] = DEFAULT_DATA_DIR,
+) -> None:
+    """Stream a judgement in the terminal."""
+    settings = Settings()
+    chosen = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
+    target = url or f"ws://127.0.0.1:{settings.port}/ws"
+    agent_ids = [a.strip() for a in agents.split(",") if a.strip()]
+    asyncio.run(_ask(target, appid, chosen, text, agent_ids))
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server that leaves signals to ``up``, which must stop Redis after it."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises captured signals on exit, which would kill the process
+        # before the embedded Redis and the demo worker are stopped.
+        yield
+
+
+async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bool) -> None:
+    redis_server: RedisServer | None = None
+    if not (_REDIS_FIELDS & settings.model_fields_set):
+        redis_server = RedisServer(data_dir / "redis", port=free_port())
+        await asyncio.to_thread(redis_server.start)
+        settings = settings.model_copy(update={"redis_url": redis_server.url})
+    secret = _secret(settings, data_dir, create=True)
+    settings = settings.model_copy(update={"fixed_secret": secret, "host": host, "port": port})
+    from .app import create_app
+
+    server = _Server(_uvicorn_config(create_app(settings), settings, host, port, "warning"))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+    worker = Worker(demo_agents(), settings)
+    worker_task = asyncio.create_task(worker.run(), name="demo-agents")
+    server_task = asyncio.create_task(server.serve(), name="gateway")
+    try:
+        while not server.started:
+            if server_task.done():
+                return
+            await asyncio.sleep(0.05)
+        ws_url = f"ws://127.0.0.1:{port}/ws"
+        console.print(
+            f"[bold]Magi Gateway is up[/bold] (instance with demo agents {', '.join(DEMO_AGENT_NAMES)})"
+        )
+        console.print(f"  console    http://127.0.0.1:{port}/")
+        console.print(f"  websocket  {ws_url}")
+        where = f"embedded, data in {data_dir / 'redis'}" if redis_server else "external"
+        console.print(f"  redis      {settings.redis_dsn} ({where})", soft_wrap=True)
+        console.print(f"  secret     {secret}  (FIXED_SECRET)")
+        console.print(f"  token      magi-gateway token my-app --secret {secret}", soft_wrap=True)
+        if demo:
+            console.print(f"\nA first judgement: [italic]{DEMO_QUESTION}[/italic]")
+            await _ask(ws_url, "magi-up", secret, DEMO_QUESTION, list(DEMO_AGENT_NAMES))
+        console.print("\nAsk your own (in another terminal):")
+        console.print(
+            f'  magi-gateway ask --url {ws_url} --secret {secret} "Shall we have tea?"',
+            soft_wrap=True,
+        )
+        console.print("Press Ctrl-C to stop.", style="dim")
+        await server_task
+    finally:
+        server.should_exit = True
+        await asyncio.gather(server_task, return_exceptions=True)
+        worker.stop()
+        await asyncio.gather(worker_task, return_exceptions=True)
+        if redis_server is not None:
+            await asyncio.to_thread(redis_server.stop)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+    data_dir: Annotated[
+        Path, typer.Option(help="Embedded Redis data and the generated secret")
+    ] = DEFAULT_DATA_DIR,
+    demo: Annotated[bool, typer.Option(help="Run one demo judgement once up")] = True,
+) -> None:
+    """Embedded Redis + gateway + demo agents, in one command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(_up(Settings(), host, port, data_dir.resolve(), demo))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
