@@ -163,3 +163,38 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
             process.wait()
     if process.stdout is not None:
         process.stdout.close()
+
+
+#: Substrings that would betray internal exception text in a client-visible frame.
+LEAK_MARKERS = ("Traceback", "Error(", "Exception(", 'File "', "redis.", "orjson.", ".py")
+
+
+def assert_clean_error(message: dict[str, Any], code: str) -> None:
+    """An error frame with the expected ``code``, human text and no internal exception text."""
+    assert message.get("code") == code, message
+    assert isinstance(message.get("error"), str)
+    assert message["error"]
+    assert "type" not in message
+    text = orjson.dumps(message).decode()
+    for marker in LEAK_MARKERS:
+        assert marker not in text, (marker, message)
+
+
+async def collect_sessions(
+    ws: websockets.ClientConnection, count: int, timeout: float = 20
+) -> dict[str, SessionRecord]:
+    """Read until ``count`` sessions completed on ``ws``; messages grouped by session id."""
+    records: dict[str, SessionRecord] = {}
+    done = 0
+    while done < count:
+        message = await recv(ws, timeout)
+        assert "error" not in message, message
+        records.setdefault(message["session_id"], SessionRecord()).messages.append(message)
+        if message["type"] == "agent_judgement_complete":
+            done += 1
+    return records
+
+
+def judgement_message(agent_ids: list[str], user_input: str = "Shall we have tea?", **extra: Any) -> dict[str, Any]:
+    """An ``agent_judgement`` client message."""
+    return {"type": "agent_judgement", "agent_ids": agent_ids, "data": {"user_input": user_input}, **extra}

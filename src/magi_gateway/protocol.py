@@ -36,8 +36,8 @@ __all__ = [
 ]
 
 #: Agent ids are used in Redis key names, so they are kept to a safe alphabet.
-AGENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_SESSION_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 _MAX_REQUEST_ID_CHARS = 128
 
 
@@ -114,7 +114,7 @@ def _invalid(message: str) -> ProtocolError:
 
 def _session_id(obj: dict[str, Any]) -> SessionId:
     value = _field(obj, "session_id")
-    if not isinstance(value, str) or not _SESSION_ID_PATTERN.match(value):
+    if not isinstance(value, str) or not _SESSION_ID_PATTERN.fullmatch(value):
         raise _invalid("session_id must be a session id returned by the gateway")
     return SessionId(value)
 
@@ -126,7 +126,7 @@ def _judgement(obj: dict[str, Any], limits: Limits) -> JudgementRequest:
     if len(agent_ids) > limits.max_agents:
         raise TooManyAgents(f"At most {limits.max_agents} agents per judgement")
     for agent_id in agent_ids:
-        if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.match(agent_id):
+        if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise _invalid("Each agent id must be 1-64 characters of letters, digits, '_', '.' or '-'")
     if len(set(agent_ids)) != len(agent_ids):
         raise _invalid("agent_ids must not repeat an agent")

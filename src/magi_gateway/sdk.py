@@ -100,7 +100,7 @@ class Agent:
     @property
     def agent_id(self) -> AgentId:
         """The validated agent id clients ask for."""
-        if not AGENT_ID_PATTERN.match(self.name):
+        if not AGENT_ID_PATTERN.fullmatch(self.name):
             raise ValueError(f"invalid agent name {self.name!r}")
         return AgentId(self.name)
 
