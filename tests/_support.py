@@ -195,6 +195,8 @@ async def collect_sessions(
     return records
 
 
-def judgement_message(agent_ids: list[str], user_input: str = "Shall we have tea?", **extra: Any) -> dict[str, Any]:
+def judgement_message(
+    agent_ids: list[str], user_input: str = "Shall we have tea?", **extra: Any
+) -> dict[str, Any]:
     """An ``agent_judgement`` client message."""
     return {"type": "agent_judgement", "agent_ids": agent_ids, "data": {"user_input": user_input}, **extra}

@@ -227,8 +227,6 @@ def test_judgement_valid_agent_ids(agent_id: str) -> None:
     assert parse(judgement(agent_ids=[agent_id])).agent_ids == (agent_id,)
 
 
-
-
 def test_agent_id_with_trailing_newline_rejected() -> None:
     # `$` in a Python regex also matches before a final newline; the id must still be rejected.
     assert error_of(judgement(agent_ids=["melchior\n"])).code == "invalid_field"

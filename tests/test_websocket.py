@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import orjson
 import pytest
 import websockets
+from redis.asyncio import Redis
 from websockets.exceptions import InvalidStatus
 
 from magi_gateway.agents import demo_agents
+from magi_gateway.keys import Keys
 from magi_gateway.settings import Settings
+from magi_gateway.store import Store
 from magi_gateway.worker import Worker
 
 from ._support import (
@@ -67,7 +71,6 @@ async def test_ping_gets_exact_pong(gateway: GatewayHandle) -> None:
     async with await gateway.connect() as ws:
         await ws.send(orjson.dumps({"type": "ping"}).decode())
         assert await recv_raw(ws) == '{"type":"pong"}'
-        assert orjson.loads('{"type":"pong"}') == {"type": "pong"}
 
 
 async def test_get_agents_empty_without_workers(gateway: GatewayHandle) -> None:
@@ -90,12 +93,14 @@ async def test_get_agents_lists_live_agents_with_worker_counts(
 
 
 async def test_get_agents_forgets_a_stopped_worker(
-    gateway: GatewayHandle, start_worker: StartWorker
+    gateway: GatewayHandle, start_worker: StartWorker, settings: Settings, redis_client: Redis
 ) -> None:
     worker = await start_worker(demo_agents(delay_s=0.01))
+    store = Store(redis_client, Keys(settings.redis_key_prefix))
+    assert await store.live_agents()
     worker.stop()
     for _ in range(200):  # stop() retires the worker once its read loop notices
-        if not await worker.store.live_agents():
+        if not await store.live_agents():
             break
         await asyncio.sleep(0.05)
     async with await gateway.connect() as ws:
@@ -159,6 +164,46 @@ async def test_request_id_is_echoed_in_accepted(gateway: GatewayHandle, start_wo
     assert accepted["seq"] == 1
 
 
+async def test_repeated_request_id_replays_the_same_session(gateway: GatewayHandle) -> None:
+    async with await gateway.connect() as ws:
+        original = await judge(ws, ["nobody"], request_id="retry-me")
+    async with await gateway.connect() as ws:
+        retried = await judge(ws, ["nobody"], request_id="retry-me")
+        await assert_pong(ws)  # the replay is complete and nothing follows it
+    assert retried.messages == original.messages
+    # Another appid's identical request_id is a different request.
+    async with await gateway.connect("other-app") as ws:
+        other = await judge(ws, ["nobody"], request_id="retry-me")
+    assert other.messages[0]["session_id"] != original.messages[0]["session_id"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="src bug: gateway.open_judgement claims the request_id before create_session writes the "
+    "session, so a concurrent duplicate attaches to a session that does not exist yet and gets "
+    "session_not_found",
+)
+async def test_concurrent_duplicate_request_id_gets_the_same_session(gateway: GatewayHandle) -> None:
+    async def replies(ws: websockets.ClientConnection) -> list[dict[str, Any]]:
+        """Messages until the session completes, an error, or a quiet second."""
+        got: list[dict[str, Any]] = []
+        try:
+            while not got or ("error" not in got[-1] and got[-1]["type"] != "agent_judgement_complete"):
+                got.append(await recv(ws, timeout=1))
+        except TimeoutError:
+            pass
+        return got
+
+    for i in range(3):
+        async with await gateway.connect() as first, await gateway.connect() as second:
+            message = judgement_message(["nobody"], request_id=f"dup-{i}")
+            await asyncio.gather(send(first, message), send(second, message))
+            a, b = await asyncio.gather(replies(first), replies(second))
+        assert [m for m in a + b if "error" in m] == []
+        assert len({m["session_id"] for m in a + b}) == 1  # one session for both requests
+        assert any(r and r[-1]["type"] == "agent_judgement_complete" for r in (a, b))
+
+
 async def test_unknown_agent_gets_code_3_without_waiting_for_the_timeout(
     settings: Settings, start_gateway: StartGateway
 ) -> None:
@@ -191,9 +236,7 @@ async def test_known_and_unknown_agents_mixed(gateway: GatewayHandle, start_work
     assert finals["ghost"]["data"]["error"]
     assert finals["melchior"]["result_code"] == 0
     assert finals["casper"]["result_code"] == 0
-    assert not record.of_type("agent_judgement_stream") or all(
-        m["agent_id"] != "ghost" for m in record.of_type("agent_judgement_stream")
-    )
+    assert all(m["agent_id"] != "ghost" for m in record.of_type("agent_judgement_stream"))
     results = record.complete["data"]["results"]
     assert list(results) == agents
     assert results["ghost"] == {"result_code": 3}
@@ -377,7 +420,8 @@ async def test_token_route_absent_without_debug(settings: Settings, start_gatewa
     async with httpx.AsyncClient(base_url=gateway.http) as http:
         reply = await http.post("/v1/token", json={"appid": APPID})
     assert reply.status_code in (404, 405)
-    assert "token" not in reply.text.lower() or reply.status_code == 404
+    async with httpx.AsyncClient(base_url=gateway.http) as http:
+        assert (await http.get("/healthz")).status_code == 200
 
 
 # -- CORS and the WebSocket Origin check -----------------------------------------------------
@@ -388,10 +432,10 @@ async def test_websocket_origin_is_checked_against_cors_origins(
 ) -> None:
     gateway = await start_gateway(settings.model_copy(update={"cors_origins": "http://good.example"}))
     with pytest.raises(InvalidStatus) as refused:
-        async with websockets.connect(gateway.ws_url(), origin="http://evil.example"):  # type: ignore[arg-type]
+        async with websockets.connect(gateway.ws_url(), origin="http://evil.example"):
             pass
     assert refused.value.response.status_code == 403
-    async with websockets.connect(gateway.ws_url(), origin="http://good.example") as ws:  # type: ignore[arg-type]
+    async with websockets.connect(gateway.ws_url(), origin="http://good.example") as ws:
         hello = await recv(ws)
         assert hello["type"] == "connection_established"
         await assert_pong(ws)
