@@ -339,11 +339,6 @@ async def test_liveness_expires_after_the_ttl(store: Store, keys: Keys, redis_cl
     assert await redis_client.pttl(keys.agents) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: Store.heartbeat PEXPIREs the shared registries (P:agents, P:a:AGENT:workers) to "
-    "this worker's ttl*3, so a worker with a shorter ttl shortens the expiry of other workers' entries",
-)
 async def test_a_short_ttl_worker_does_not_expire_other_workers(store: Store) -> None:
     await store.heartbeat("long-lived", ["shared", "only-long"], 30_000)
     await store.heartbeat("short-lived", ["shared"], 100)

@@ -177,12 +177,6 @@ async def test_repeated_request_id_replays_the_same_session(gateway: GatewayHand
     assert other.messages[0]["session_id"] != original.messages[0]["session_id"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: gateway.open_judgement claims the request_id before create_session writes the "
-    "session, so a concurrent duplicate attaches to a session that does not exist yet and gets "
-    "session_not_found",
-)
 async def test_concurrent_duplicate_request_id_gets_the_same_session(gateway: GatewayHandle) -> None:
     async def replies(ws: websockets.ClientConnection) -> list[dict[str, Any]]:
         """Messages until the session completes, an error, or a quiet second."""

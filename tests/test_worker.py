@@ -316,11 +316,6 @@ async def test_stop_past_grace_leaves_the_request_for_another_worker(
     assert pending["pending"] == 1  # not acknowledged: it can be taken over
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: Worker._read_loop waits for a free concurrency slot without watching stop(), "
-    "so with every slot busy stop() waits for an agent to finish instead of grace_s",
-)
 async def test_stop_with_every_slot_busy_still_honours_grace(settings: Settings, store: Store) -> None:
     started = asyncio.Event()
 

@@ -3,15 +3,19 @@
 It is driven by the WebSocket endpoint (``handle_frame``, ``connect``, ``disconnect``)
 and by Redis (one pub/sub subscription per process on this instance's channel). It
 holds no state another instance cannot rebuild from Redis: a session's log, pending
-agents and owner live there; this object keeps only delivery cursors and timers.
+agents, owner and deadline live there; this object keeps only the delivery cursors
+of the sessions its connections watch. Timeouts are enforced by a sweep of the
+shared deadline set that every instance runs, so they fire even when the instance
+that started a session is gone.
 
 Shutdown, top to bottom (``stop``): stop accepting connections, close every client
-with 1012, cancel timers and tracked tasks, stop the listener, close Redis.
+with 1012, stop the background tasks (listener, sweep), close Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Coroutine
@@ -28,7 +32,6 @@ from .errors import (
     CLOSE_SERVICE_RESTART,
     BackendUnavailable,
     GatewayError,
-    ProtocolError,
     SessionNotFound,
     error_frame,
     internal_error_frame,
@@ -36,7 +39,7 @@ from .errors import (
 from .keys import Keys
 from .session import DeliveryCursor, Gap, ResultCode, new_session_id
 from .settings import Settings
-from .store import Store, now_ms
+from .store import SessionInfo, Store, now_ms
 
 __all__ = ["Gateway"]
 
@@ -44,20 +47,22 @@ logger = logging.getLogger(__name__)
 
 _COMPLETE_PREFIX = b'{"type":"agent_judgement_complete"'
 _LOOPBACK = b""  # session id part of a readiness probe notification
-_EXPIRE_RETRY_MS = 1000
+_SWEEP_INTERVAL_S = 0.2
+_STOP_TIMEOUT_S = 5.0
+_CREATION_WAIT_POLLS = 20
+_CREATION_WAIT_POLL_S = 0.05
 
 
 class _LocalSession:
-    """A session this instance delivers: its connection, cursor and timeout timer."""
+    """A session this instance delivers to one of its connections."""
 
-    __slots__ = ("connection", "cursor", "id", "lock", "timer")
+    __slots__ = ("connection", "cursor", "id", "lock")
 
-    def __init__(self, session_id: SessionId, connection: Connection | None, last_seq: int):
+    def __init__(self, session_id: SessionId, connection: Connection, last_seq: int):
         self.id = session_id
         self.connection = connection
         self.cursor = DeliveryCursor(last_seq)
         self.lock = asyncio.Lock()
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class Gateway:
@@ -93,6 +98,7 @@ class Gateway:
     async def start(self) -> None:
         """Start listening for notifications and accepting connections."""
         self._listener = asyncio.create_task(self._listen(), name="magi-notifications")
+        self._spawn(self._sweep_deadlines(), "magi-deadlines")
         try:
             await asyncio.wait_for(self._subscribed.wait(), timeout=5)
         except TimeoutError:
@@ -105,13 +111,12 @@ class Gateway:
         self.accepting = False
         for connection in list(self._connections.values()):
             connection.request_close(CLOSE_SERVICE_RESTART, "Service restart")
-        for session in self._sessions.values():
-            if session.timer is not None:
-                session.timer.cancel()
         tasks = [*self._tasks, *([self._listener] if self._listener else [])]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        _done, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S) if tasks else (set(), set())
+        for task in stuck:
+            logger.error("task %s ignored cancellation at shutdown", task.get_name())
         await self.redis.aclose()
         logger.info("gateway instance %s stopped", self.instance_id)
 
@@ -143,10 +148,10 @@ class Gateway:
     def disconnect(self, connection: Connection) -> None:
         """Forget a closed connection; its sessions run on (disconnect is not cancel)."""
         self._connections.pop(connection.id, None)
-        for session_id in connection.sessions:
+        for session_id in list(connection.sessions):
             session = self._sessions.get(session_id)
             if session is not None and session.connection is connection:
-                session.connection = None
+                self._untrack(session)
         connection.sessions.clear()
         metrics.CONNECTIONS.dec()
 
@@ -181,7 +186,7 @@ class Gateway:
         elif isinstance(message, protocol.Resume):
             await self.attach(connection, message.session_id, message.last_seq)
         else:
-            raise ProtocolError("cancel is not supported by this gateway version", code="unsupported")
+            await self.cancel(connection, message.session_id)
 
     # -- sessions ----------------------------------------------------------------
 
@@ -192,29 +197,24 @@ class Gateway:
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         if request.request_id is not None:
             existing = await self.store.claim_request_id(
-                appid,
-                request.request_id,
-                session_id,
-                timeout_ms + self.settings.session_retention_s * 1000,
+                appid, request.request_id, session_id, timeout_ms + self.settings.session_retention_s * 1000
             )
             if existing is not None:
                 # A retried request: the same session again, replayed from the start.
-                await self.attach(connection, existing, 0)
+                await self.attach(connection, existing, 0, wait_for_creation=True)
                 return
         deadline_ms = now_ms() + timeout_ms
-        live = await self.store.live_worker_counts(request.agent_ids)
         session = self._track(session_id, connection, 0)
         try:
+            live = await self.store.live_worker_counts(request.agent_ids)
             await self.store.create_session(
-                session_id,
-                appid,
-                self.instance_id,
-                request.agent_ids,
-                deadline_ms,
-                request.request_id,
+                session_id, appid, self.instance_id, request.agent_ids, deadline_ms, request.request_id
             )
         except BackendUnavailable:
             self._untrack(session)
+            if request.request_id is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    await self.store.release_request_id(appid, request.request_id, session_id)
             raise
         metrics.SESSIONS_STARTED.inc()
         for agent_id in request.agent_ids:
@@ -228,30 +228,56 @@ class Gateway:
                     ResultCode.NO_AGENT,
                     {"error": f"No live worker serves agent '{agent_id}'"},
                 )
-        self._arm_timeout(session, deadline_ms)
 
-    async def attach(self, connection: Connection, session_id: SessionId, last_seq: int) -> None:
-        """Deliver a session to ``connection``: replay after ``last_seq``, then live."""
+    async def _session_info(
+        self, connection: Connection, session_id: SessionId, *, wait: bool
+    ) -> SessionInfo:
+        """The session, if it exists and belongs to the connection's appid."""
         info = await self.store.session_info(session_id)
+        # A duplicate request_id can arrive while the first request is still creating
+        # its session: give that creation a moment before calling the session unknown.
+        for _ in range(_CREATION_WAIT_POLLS if wait else 0):
+            if info is not None:
+                break
+            await asyncio.sleep(_CREATION_WAIT_POLL_S)
+            info = await self.store.session_info(session_id)
         if info is None or info.appid != connection.appid:
             raise SessionNotFound("Session not found or expired", session_id=session_id)
+        return info
+
+    async def attach(
+        self, connection: Connection, session_id: SessionId, last_seq: int, *, wait_for_creation: bool = False
+    ) -> None:
+        """Deliver a session to ``connection``: replay after ``last_seq``, then live."""
+        info = await self._session_info(connection, session_id, wait=wait_for_creation)
         session = self._sessions.get(session_id)
         if session is None:
             session = self._track(session_id, connection, last_seq)
         else:
-            if session.connection is not None and session.connection is not connection:
+            if session.connection is not connection:
                 session.connection.sessions.discard(session_id)
             session.connection = connection
             connection.sessions.add(session_id)
             session.cursor = DeliveryCursor(last_seq)
         if info.owner != self.instance_id and not info.completed:
             await self.store.set_owner(session_id, self.instance_id)
-            self._arm_timeout(session, info.deadline_ms)
         async with session.lock:
             for seq, frame in await self.store.read_log(session_id, last_seq + 1):
                 self._push(session, seq, frame)
         if info.completed:
             self._untrack(session)
+
+    async def cancel(self, connection: Connection, session_id: SessionId) -> None:
+        """Give every pending agent a cancelled final and tell the workers to stop."""
+        info = await self._session_info(connection, session_id, wait=False)
+        if info.completed:
+            raise GatewayError("Session already complete", code="session_completed", session_id=session_id)
+        for agent_id in info.agent_ids:
+            if agent_id in info.pending:
+                await self.store.append_final(
+                    session_id, agent_id, ResultCode.CANCELLED, {"error": "Cancelled by the client"}
+                )
+        await self.store.announce_cancel(session_id)
 
     def _track(self, session_id: SessionId, connection: Connection, last_seq: int) -> _LocalSession:
         session = _LocalSession(session_id, connection, last_seq)
@@ -260,51 +286,37 @@ class Gateway:
         return session
 
     def _untrack(self, session: _LocalSession) -> None:
-        if session.timer is not None:
-            session.timer.cancel()
-        self._sessions.pop(session.id, None)
-        if session.connection is not None:
-            session.connection.sessions.discard(session.id)
+        if self._sessions.get(session.id) is session:
+            del self._sessions[session.id]
+        session.connection.sessions.discard(session.id)
 
-    def _arm_timeout(self, session: _LocalSession, deadline_ms: int) -> None:
-        if session.timer is not None:
-            session.timer.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(deadline_ms - now_ms(), 0) / 1000
-        session.timer = loop.call_later(delay, self._on_deadline, session.id)
-
-    def _on_deadline(self, session_id: SessionId) -> None:
-        self._spawn(self._expire(session_id), f"timeout-{session_id}")
-
-    async def _expire(self, session_id: SessionId) -> None:
-        """Give every agent still pending at the deadline a timeout final."""
+    async def _sweep_deadlines(self) -> None:
+        """Give agents still pending at their session's deadline a timeout final."""
+        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
         error = f"Agent did not answer within {self.settings.judgement_timeout_s:g}s"
-        try:
-            info = await self.store.session_info(session_id)
-            if info is None or info.completed:
-                self._forget(session_id)
-                return
-            for agent_id in info.agent_ids:
-                if agent_id in info.pending:
-                    await self.store.append_final(session_id, agent_id, ResultCode.TIMEOUT, {"error": error})
-        except BackendUnavailable:
-            # Redis is down: try again shortly; finals are deduplicated, so retrying is safe.
-            session = self._sessions.get(session_id)
-            if session is not None:
-                self._arm_timeout(session, now_ms() + _EXPIRE_RETRY_MS)
-
-    def _forget(self, session_id: SessionId) -> None:
-        session = self._sessions.get(session_id)
-        if session is not None:
-            self._untrack(session)
+        while True:
+            try:
+                for session_id in await self.store.due_sessions(now_ms()):
+                    info = await self.store.session_info(session_id)
+                    if info is not None and not info.completed:
+                        for agent_id in info.agent_ids:
+                            if agent_id in info.pending:
+                                await self.store.append_final(
+                                    session_id, agent_id, ResultCode.TIMEOUT, {"error": error}
+                                )
+                    # Removed only once handled: an instance dying mid-sweep leaves it to others.
+                    await self.store.clear_deadline(session_id)
+                backoff.reset()
+                await asyncio.sleep(_SWEEP_INTERVAL_S)
+            except BackendUnavailable:
+                await asyncio.sleep(backoff.next_delay())
 
     # -- delivery ----------------------------------------------------------------
 
     def _push(self, session: _LocalSession, seq: int, frame: bytes) -> None:
         session.cursor.sent(seq)
-        if session.connection is not None:
-            session.connection.push(frame)
-            metrics.MESSAGES_OUT.inc()
+        session.connection.push(frame)
+        metrics.MESSAGES_OUT.inc()
         if frame.startswith(_COMPLETE_PREFIX):
             self._untrack(session)
 
@@ -351,10 +363,10 @@ class Gateway:
                     await self._catch_up()
                 backoff.reset()
                 self._subscribed.set()
-                while True:
-                    with redis_errors():
-                        message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                with redis_errors():
+                    # A blocking read: cancellation of a read with a timeout can be lost
+                    # when both happen at once (asyncio.timeout in 3.11), hanging shutdown.
+                    async for message in pubsub.listen():
                         await self._on_notification(message["data"])
             except BackendUnavailable as exc:
                 self._subscribed.clear()

@@ -11,7 +11,9 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     P:a:AGENT:requests   stream   requests for one agent, consumer group ``workers``
     P:a:AGENT:workers    zset     live worker ids, score = heartbeat expiry (ms)
     P:agents             zset     agents with a live worker, score = expiry (ms)
+    P:deadlines          zset     session id -> deadline (ms), swept by every gateway
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
+    P:cancel             channel  session ids whose agents workers must stop
 
 Session keys carry the ``{SID}`` hash tag so one session lives on one Redis Cluster
 shard and the Lua scripts touching them stay single-slot. Everything written has an
@@ -78,6 +80,16 @@ class Keys:
     def agents(self) -> str:
         """Agents with at least one live worker."""
         return f"{self.prefix}:agents"
+
+    @property
+    def deadlines(self) -> str:
+        """Deadlines of running sessions, for the timeout sweep."""
+        return f"{self.prefix}:deadlines"
+
+    @property
+    def cancel_channel(self) -> str:
+        """Where gateways announce cancelled sessions to workers."""
+        return f"{self.prefix}:cancel"
 
     @property
     def gateway_channel_prefix(self) -> str:

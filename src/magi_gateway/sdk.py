@@ -71,11 +71,22 @@ class Context:
         self.deadline = deadline
         self._sink = sink
         self._closed = False
+        self._cancelled = False
 
     @property
     def closed(self) -> bool:
         """True once the session stopped accepting this agent's output."""
         return self._closed
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the client cancelled the session (the runner then cancels the agent)."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Mark the judgement cancelled by the client; called by the runner."""
+        self._cancelled = True
+        self._closed = True
 
     async def think(self, text: str) -> None:
         """Stream a thinking chunk to the client (``agent_judgement_stream``).

@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     #: A worker not heard from for this long is considered gone.
     worker_ttl_s: float = Field(10.0, gt=0)
     worker_concurrency: int = Field(16, ge=1)
+    #: A request left unacknowledged this long by a worker that stopped heartbeating it
+    #: is taken over by another worker.
+    worker_claim_idle_s: float = Field(30.0, gt=0)
+    #: Deliveries of one request (first try included) before it fails with result_code 5.
+    worker_max_deliveries: int = Field(3, ge=1)
 
     redis_backoff_base_s: float = Field(0.05, gt=0)
     redis_backoff_cap_s: float = Field(5.0, gt=0)

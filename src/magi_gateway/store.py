@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from . import protocol
 from ._redis import redis_errors
@@ -146,6 +147,14 @@ class Store:
             existing: Any = await self.redis.get(key)
         return SessionId(existing.decode()) if existing else None
 
+    async def release_request_id(self, appid: AppId, request_id: str, session_id: SessionId) -> None:
+        """Undo ``claim_request_id`` for a session that could not be created."""
+        key = self.keys.idempotency(appid, request_id)
+        with redis_errors():
+            current: Any = await self.redis.get(key)
+            if current is not None and current.decode() == session_id:
+                await self.redis.delete(key)
+
     async def create_session(
         self,
         session_id: SessionId,
@@ -176,6 +185,13 @@ class Store:
                 pipe.sadd(keys.pending, *agent_ids)
                 pipe.pexpire(keys.meta, ttl_ms)
                 pipe.pexpire(keys.pending, ttl_ms)
+                await pipe.execute()
+            # The deadline set is one key for all sessions, so not in the transaction
+            # above (which stays on the session's hash slot).
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.deadlines, {session_id: deadline_ms})
+                pipe.pexpire(self.keys.deadlines, ttl_ms, nx=True)
+                pipe.pexpire(self.keys.deadlines, ttl_ms, gt=True)
                 await pipe.execute()
         await self._run_append(
             session_id,
@@ -293,7 +309,25 @@ class Store:
             "agent_judgement_complete",
             protocol.complete_tail(verdict, results),
         )
+        if done[0] > 0:
+            await self.clear_deadline(session_id)
         return AppendResult(reply[0], completed=done[0] > 0)
+
+    async def due_sessions(self, now: int, limit: int = 100) -> list[SessionId]:
+        """Sessions whose deadline has passed and that are not yet cleared."""
+        with redis_errors():
+            due: Any = await self.redis.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=limit)
+        return [SessionId(d.decode()) for d in due]
+
+    async def clear_deadline(self, session_id: SessionId) -> None:
+        """Remove a session from the deadline sweep (completed or timed out)."""
+        with redis_errors():
+            await self.redis.zrem(self.keys.deadlines, session_id)
+
+    async def announce_cancel(self, session_id: SessionId) -> None:
+        """Tell every worker to stop its agents working on ``session_id``."""
+        with redis_errors():
+            await self.redis.publish(self.keys.cancel_channel, session_id)
 
     # -- requests ----------------------------------------------------------------
 
@@ -332,11 +366,18 @@ class Store:
                     workers = self.keys.workers(agent_id)
                     pipe.zadd(workers, {worker_id: expires})
                     pipe.zremrangebyscore(workers, "-inf", now)
-                    pipe.pexpire(workers, ttl_ms * 3)
+                    self._extend_expiry(pipe, workers, ttl_ms * 3)
                     pipe.zadd(self.keys.agents, {agent_id: expires}, gt=True)
                 pipe.zremrangebyscore(self.keys.agents, "-inf", now)
-                pipe.pexpire(self.keys.agents, ttl_ms * 3)
+                self._extend_expiry(pipe, self.keys.agents, ttl_ms * 3)
                 await pipe.execute()
+
+    @staticmethod
+    def _extend_expiry(pipe: Pipeline, key: str, ttl_ms: int) -> None:
+        # Shared keys: a worker with a short TTL must not cut another worker's longer one.
+        # NX gives a fresh key its first expiry; GT only ever pushes an expiry later.
+        pipe.pexpire(key, ttl_ms, nx=True)
+        pipe.pexpire(key, ttl_ms, gt=True)
 
     async def retire_worker(self, worker_id: str, agent_ids: Sequence[AgentId]) -> None:
         """Remove a stopping worker from the live sets at once."""

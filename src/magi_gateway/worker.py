@@ -1,9 +1,15 @@
 """The worker runner: reads requests for its agents from Redis and runs them.
 
 Each agent has a request stream; all workers of an agent join its consumer group,
-so each request goes to one of them. A request is acknowledged (XACK) only after
-its final is in the session log. ``burst=True`` makes ``run`` return once the
-streams are empty and nothing is running (handy in tests and batch jobs).
+so each request goes to one of them. A request is acknowledged (and deleted) only
+after its final is in the session log. While an agent runs, its worker keeps the
+request fresh in the group's pending list; a request whose worker died goes idle and
+is taken over by another worker after ``worker_claim_idle_s`` — at most
+``worker_max_deliveries`` times in all, then it gets a ``result_code`` 5 final.
+A retried attempt streams its thinking again from the start, each chunk marked
+with ``data.attempt`` (2, 3, ...).
+
+``burst=True`` makes ``run`` return once the streams are empty and nothing runs.
 
 Shutdown (``stop``), top to bottom: stop reading, let running agents finish within
 ``grace_s`` (the rest stay unacknowledged for another worker to take over), leave
@@ -16,6 +22,7 @@ import asyncio
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from ._redis import Backoff, connect, redis_errors
-from ._types import AgentId
+from ._types import AgentId, SessionId
 from .errors import AgentError, BackendUnavailable
 from .keys import WORKER_GROUP, Keys
 from .sdk import Agent, Context, Judgement, JudgementClosed
@@ -37,6 +44,17 @@ logger = logging.getLogger(__name__)
 
 _READ_BLOCK_MS = 1000
 _FINAL_RETRY_LIMIT = 20
+
+
+class _Job:
+    """One request being served, with its context (for cancellation)."""
+
+    __slots__ = ("ctx", "request", "task")
+
+    def __init__(self, request: Request, ctx: Context, task: asyncio.Task[None]) -> None:
+        self.request = request
+        self.ctx = ctx
+        self.task = task
 
 
 class Worker:
@@ -63,20 +81,26 @@ class Worker:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.redis = redis if redis is not None else connect(self.settings, client_name="magi-worker")
         self.store = Store(self.redis, self.keys)
-        self._slots = asyncio.Semaphore(self.concurrency)
-        self._active: set[asyncio.Task[None]] = set()
+        self.claim_idle_ms = int(self.settings.worker_claim_idle_s * 1000)
+        self._jobs: dict[bytes, _Job] = {}
+        self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._last_claim = 0.0
         self.processed = 0
 
     async def run(self) -> None:
         """Serve requests until ``stop`` (or, in burst mode, until idle)."""
-        heartbeat = asyncio.create_task(self._heartbeat(), name="magi-heartbeat")
+        helpers = [
+            asyncio.create_task(self._heartbeat(), name="magi-heartbeat"),
+            asyncio.create_task(self._listen_for_cancels(), name="magi-cancels"),
+        ]
         try:
             await self._read_loop()
         finally:
             await self._drain()
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             try:
                 await self.store.retire_worker(self.worker_id, list(self.agents))
             except BackendUnavailable:
@@ -86,6 +110,8 @@ class Worker:
     def stop(self) -> None:
         """Ask ``run`` to finish: no new requests, running ones get ``grace_s``."""
         self._stopping.set()
+
+    # -- reading -------------------------------------------------------------------
 
     async def _ensure_groups(self) -> None:
         for agent_id in self.agents:
@@ -99,31 +125,28 @@ class Worker:
                     continue
                 raise
 
-    async def _heartbeat(self) -> None:
-        ttl_ms = int(self.settings.worker_ttl_s * 1000)
-        while True:
-            try:
-                await self.store.heartbeat(self.worker_id, list(self.agents), ttl_ms)
-            except BackendUnavailable:
-                logger.debug("heartbeat failed; Redis unavailable")
-            await asyncio.sleep(self.settings.worker_heartbeat_interval_s)
+    async def _free_slots(self) -> int:
+        """Wait for a free slot; 0 when stopping."""
+        while len(self._jobs) >= self.concurrency and not self._stopping.is_set():
+            self._slot_freed.clear()
+            stop = asyncio.ensure_future(self._stopping.wait())
+            freed = asyncio.ensure_future(self._slot_freed.wait())
+            await asyncio.wait({stop, freed}, return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            freed.cancel()
+        return 0 if self._stopping.is_set() else self.concurrency - len(self._jobs)
 
     async def _read_loop(self) -> None:
         backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
-        streams: Any = {self.keys.requests(a): ">" for a in self.agents}
         groups_ready = False
-        while not self._stopping.is_set():
-            await self._slots.acquire()
-            self._slots.release()
-            free = self._free_slots()
+        while (free := await self._free_slots()) > 0:
             try:
                 if not groups_ready:
                     await self._ensure_groups()
                     groups_ready = True
-                with redis_errors():
-                    reply: Any = await self.redis.xreadgroup(
-                        WORKER_GROUP, self.worker_id, streams, count=free, block=_READ_BLOCK_MS
-                    )
+                batch: list[tuple[Request, int]] | None = await self._take_over(free)
+                if not batch:
+                    batch = await self._read_new(free)
             except BackendUnavailable as exc:
                 groups_ready = False
                 delay = backoff.next_delay()
@@ -132,45 +155,128 @@ class Worker:
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()
-            if not reply:
-                if self.burst and not self._active:
-                    return
-                continue
-            for _stream, entries in reply:
-                for message_id, fields in entries:
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._serve(Request.from_fields(message_id, fields)))
-                    self._active.add(task)
-                    task.add_done_callback(self._served)
+            if batch is None:
+                return  # stopping
+            if not batch and self.burst and not self._jobs:
+                return
+            for request, attempt in batch:
+                self._start(request, attempt)
 
-    def _free_slots(self) -> int:
-        return max(self.concurrency - len(self._active), 1)
+    async def _read_new(self, count: int) -> list[tuple[Request, int]] | None:
+        """New requests (None when ``stop`` interrupted the blocking read)."""
+        streams: Any = {self.keys.requests(a): ">" for a in self.agents}
+        read = asyncio.ensure_future(
+            self.redis.xreadgroup(WORKER_GROUP, self.worker_id, streams, count=count, block=_READ_BLOCK_MS)
+        )
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not read.done():
+            # Entries this read may still deliver stay pending and are taken over later.
+            read.cancel()
+            await asyncio.gather(read, return_exceptions=True)
+            return None
+        with redis_errors():
+            reply: Any = read.result()
+        return [
+            (Request.from_fields(message_id, fields), 1)
+            for _stream, entries in reply or []
+            for message_id, fields in entries
+        ]
 
-    def _served(self, task: asyncio.Task[None]) -> None:
-        self._active.discard(task)
-        self._slots.release()
-        self.processed += 1
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            logger.error("request handling failed", exc_info=exc)
+    async def _take_over(self, count: int) -> list[tuple[Request, int]]:
+        """Claim requests whose worker went silent; fail those past the delivery limit."""
+        now = time.monotonic()
+        if now - self._last_claim < self.settings.worker_claim_idle_s / 4:
+            return []
+        self._last_claim = now
+        taken: list[tuple[Request, int]] = []
+        for agent_id in self.agents:
+            stream = self.keys.requests(agent_id)
+            with redis_errors():
+                stale: Any = await self.redis.xpending_range(
+                    stream, WORKER_GROUP, min="-", max="+", count=count, idle=self.claim_idle_ms
+                )
+            for entry in stale:
+                if entry["message_id"] in self._jobs:
+                    continue  # ours and running; its refresh was merely late
+                with redis_errors():
+                    claimed: Any = await self.redis.xclaim(
+                        stream, WORKER_GROUP, self.worker_id, self.claim_idle_ms, [entry["message_id"]]
+                    )
+                if not claimed or claimed[0][1] is None:
+                    continue  # another worker was faster, or the entry is gone
+                message_id, fields = claimed[0]
+                request = Request.from_fields(message_id, fields)
+                attempt = int(entry["times_delivered"]) + 1
+                logger.warning(
+                    "taking over request %s of session %s (attempt %d)",
+                    message_id,
+                    request.session_id,
+                    attempt,
+                )
+                if attempt > self.settings.worker_max_deliveries:
+                    await self._write_final(
+                        request,
+                        ResultCode.WORKER_LOST,
+                        {"error": f"Worker lost; gave up after {attempt - 1} attempts"},
+                    )
+                    await self._ack(request)
+                else:
+                    taken.append((request, attempt))
+        return taken
 
-    async def _drain(self) -> None:
-        if not self._active:
-            return
-        _done, pending = await asyncio.wait(set(self._active), timeout=self.grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    # -- background ------------------------------------------------------------------
 
-    async def _serve(self, request: Request) -> None:
-        agent = self.agents[request.agent_id]
-        remaining_s = (request.deadline_ms - now_ms()) / 1000
-        if remaining_s <= 0:
-            # The gateway has already given this agent its timeout final.
-            await self._ack(request)
-            return
+    async def _heartbeat(self) -> None:
+        ttl_ms = int(self.settings.worker_ttl_s * 1000)
+        while True:
+            try:
+                await self.store.heartbeat(self.worker_id, list(self.agents), ttl_ms)
+                await self._refresh_jobs()
+            except BackendUnavailable:
+                logger.debug("heartbeat failed; Redis unavailable")
+            await asyncio.sleep(self.settings.worker_heartbeat_interval_s)
 
+    async def _refresh_jobs(self) -> None:
+        """Reset the idle time of running requests so no other worker takes them over."""
+        by_stream: dict[str, list[Any]] = {}
+        for job in self._jobs.values():
+            by_stream.setdefault(self.keys.requests(job.request.agent_id), []).append(job.request.message_id)
+        for stream, ids in by_stream.items():
+            with redis_errors():
+                # JUSTID: reset idle time without counting a new delivery.
+                await self.redis.xclaim(stream, WORKER_GROUP, self.worker_id, 0, ids, justid=True)
+
+    async def _listen_for_cancels(self) -> None:
+        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                with redis_errors():
+                    await pubsub.subscribe(self.keys.cancel_channel)
+                    backoff.reset()
+                    async for message in pubsub.listen():  # blocking read: see Gateway._listen
+                        self._cancel_session(SessionId(message["data"].decode()))
+            except BackendUnavailable:
+                await asyncio.sleep(backoff.next_delay())
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _cancel_session(self, session_id: SessionId) -> None:
+        for job in self._jobs.values():
+            if job.request.session_id == session_id and not job.task.done():
+                job.ctx.cancel()
+                job.task.cancel()
+
+    # -- serving -------------------------------------------------------------------
+
+    def _start(self, request: Request, attempt: int) -> None:
         async def sink(text: str) -> bool:
-            result = await self.store.append_stream(request.session_id, request.agent_id, {"thinking": text})
+            data: dict[str, Any] = {"thinking": text}
+            if attempt > 1:
+                data["attempt"] = attempt
+            result = await self.store.append_stream(request.session_id, request.agent_id, data)
             return result.seq is not None
 
         ctx = Context(
@@ -180,16 +286,45 @@ class Worker:
             deadline=request.deadline_ms / 1000,
             sink=sink,
         )
+        task = asyncio.create_task(self._serve(request, ctx), name=f"serve-{request.session_id}")
+        self._jobs[request.message_id] = _Job(request, ctx, task)
+        task.add_done_callback(lambda t: self._served(request.message_id, t))
+
+    def _served(self, message_id: bytes, task: asyncio.Task[None]) -> None:
+        self._jobs.pop(message_id, None)
+        self._slot_freed.set()
+        self.processed += 1
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("request handling failed", exc_info=exc)
+
+    async def _drain(self) -> None:
+        tasks = {job.task for job in self._jobs.values()}
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=self.grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _serve(self, request: Request, ctx: Context) -> None:
+        agent = self.agents[request.agent_id]
+        remaining_s = (request.deadline_ms - now_ms()) / 1000
+        if remaining_s <= 0:
+            await self._ack(request)  # the gateway has given it a timeout final already
+            return
         code, data = ResultCode.OK, {}
         try:
-            answer = await asyncio.wait_for(agent.judge(request.user_input, ctx), remaining_s)
+            async with asyncio.timeout(remaining_s):
+                answer = await agent.judge(request.user_input, ctx)
             judgement = answer if isinstance(answer, Judgement) else Judgement(str(answer))
             data = judgement.to_data()
-        except JudgementClosed:
-            await self._ack(request)
+        except asyncio.CancelledError:
+            if not ctx.cancelled:
+                raise  # shutdown: leave the request pending for another worker
+            await self._ack(request)  # the gateway wrote the cancelled finals
             return
-        except TimeoutError:
-            await self._ack(request)  # the gateway writes the timeout final
+        except (JudgementClosed, TimeoutError):
+            await self._ack(request)  # the session has this agent's final already
             return
         except AgentError as exc:
             code, data = ResultCode.AGENT_ERROR, {"error": str(exc)}
@@ -212,8 +347,13 @@ class Worker:
         raise BackendUnavailable("could not write a final; request left for takeover")
 
     async def _ack(self, request: Request) -> None:
+        """Acknowledge and delete the request: it is done, nobody needs it again."""
+        stream = self.keys.requests(request.agent_id)
         try:
             with redis_errors():
-                await self.redis.xack(self.keys.requests(request.agent_id), WORKER_GROUP, request.message_id)
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.xack(stream, WORKER_GROUP, request.message_id)
+                    pipe.xdel(stream, request.message_id)
+                    await pipe.execute()
         except BackendUnavailable:
             logger.warning("could not acknowledge %s", request.message_id)
