@@ -29,7 +29,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings if settings is not None else Settings()
     gateway = Gateway(settings)
     verifier = TokenVerifier(settings.fixed_secret, settings.app_secrets, settings.token_skew_minutes)
-    endpoint = WebSocketEndpoint(gateway, verifier, FailureThrottle())
+    throttle = FailureThrottle(max_failures=settings.max_auth_failures_per_min, window_s=60.0)
+    endpoint = WebSocketEndpoint(gateway, verifier, throttle)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

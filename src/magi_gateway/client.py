@@ -1,4 +1,4 @@
-"""``MagiClient``: an async Python client for the gateway.
+"""``MagiClient``: an async Python client that survives drops.
 
 ::
 
@@ -6,14 +6,23 @@
         async for message in client.judge("Shall we have tea?", ["melchior", "balthasar", "casper"]):
             print(message)
 
-Each ``judge`` yields the session's messages in order, up to and including
-``agent_judgement_complete``. One connection carries any number of judgements.
+``judge`` yields the session's messages in order, each exactly once, up to and
+including ``agent_judgement_complete``. When the connection drops (network, gateway
+restart, 1013 for a slow reader) the client reconnects with capped exponential
+backoff and jitter, with a fresh token, re-sends judgements not yet accepted (same
+``request_id``, so the gateway does not start them twice) and resumes every open
+session from the last seq it delivered. Authentication failures are not retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import random
 import time
+import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any
@@ -23,119 +32,259 @@ import orjson
 import websockets
 
 from .auth import compute_token, minute_of
-from .errors import GatewayError
+from .errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
 
-__all__ = ["MagiClient"]
+__all__ = ["ConnectionLost", "MagiClient"]
 
-#: Messages buffered per judgement before the reader waits for the consumer (policy: block).
+logger = logging.getLogger(__name__)
+
+#: Messages buffered per session before the reader waits for the consumer (policy: block;
+#: a reader that stops reading lets the gateway close it with 1013, then it resumes).
 _QUEUE_SIZE = 1024
 
 
-class MagiClient:
-    """A connection to one gateway, shared by concurrent judgements."""
+class ConnectionLost(GatewayError):
+    """The connection dropped while waiting for a reply that cannot be replayed."""
 
-    def __init__(self, url: str, *, appid: str, secret: str, open_timeout_s: float = 10) -> None:
+    code = "connection_lost"
+
+
+class _Session:
+    __slots__ = ("last_seq", "queue")
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.queue: asyncio.Queue[Any] = asyncio.Queue(_QUEUE_SIZE)
+
+
+class _Waiter:
+    """A request waiting for its one reply (judgements: the accepted message)."""
+
+    __slots__ = ("future", "message", "request_id")
+
+    def __init__(self, message: dict[str, Any], request_id: str | None) -> None:
+        self.message = message
+        self.request_id = request_id
+        self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+
+
+class MagiClient:
+    """A reconnecting connection to a gateway, shared by concurrent judgements."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        appid: str,
+        secret: str,
+        open_timeout_s: float = 10,
+        backoff_base_s: float = 0.1,
+        backoff_cap_s: float = 5.0,
+        max_reconnects: int | None = None,
+    ) -> None:
         self.url = url
         self.appid = appid
         self.secret = secret
         self.open_timeout_s = open_timeout_s
+        self.backoff_base_s = backoff_base_s
+        self.backoff_cap_s = backoff_cap_s
+        self.max_reconnects = max_reconnects
         self.connection_id: str | None = None
+        #: How many times the connection was re-established.
+        self.reconnects = 0
         self._ws: websockets.ClientConnection | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue(_QUEUE_SIZE)
-        self._sessions: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._runner: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._failure: GatewayError | None = None
+        self._sessions: dict[str, _Session] = {}
+        self._waiters: deque[_Waiter] = deque()
 
     def token(self) -> str:
         """A token for this minute."""
         return compute_token(self.appid, self.secret, minute_of(time.time()))
 
+    # -- connection ------------------------------------------------------------------
+
     async def connect(self) -> None:
-        """Open the WebSocket and wait for ``connection_established``."""
+        """Connect (raising on failure), then keep the connection up in the background."""
+        await self._open()
+        self._runner = asyncio.create_task(self._run(), name="magi-client")
+
+    async def _open(self) -> None:
         query = urlencode({"appid": self.appid, "token": self.token()})
-        self._ws = await websockets.connect(
-            f"{self.url}?{query}", open_timeout=self.open_timeout_s, max_size=None
-        )
-        hello = orjson.loads(await self._ws.recv())
+        ws = await websockets.connect(f"{self.url}?{query}", open_timeout=self.open_timeout_s, max_size=None)
+        try:
+            hello = orjson.loads(await ws.recv())
+        except websockets.ConnectionClosed as exc:
+            raise ConnectionLost("closed during handshake") from exc
         if hello.get("type") != "connection_established":
-            await self._ws.close()
+            await ws.close()
+            if hello.get("code") in ("auth_failed", "auth_throttled"):
+                raise AuthenticationFailed(hello.get("error", "Authentication failed"), code=hello["code"])
             raise GatewayError(hello.get("error", "connection refused"), code=hello.get("code"))
+        self._ws = ws
         self.connection_id = hello["connection_id"]
-        self._reader = asyncio.create_task(self._read())
+        # Re-send what the gateway may not have seen, then resume every open session.
+        for waiter in self._waiters:
+            await ws.send(orjson.dumps(waiter.message).decode())
+        for session_id, session in self._sessions.items():
+            resume = {"type": "resume", "session_id": session_id, "last_seq": session.last_seq}
+            await ws.send(orjson.dumps(resume).decode())
+        self._connected.set()
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            assert self._ws is not None
+            try:
+                async for raw in self._ws:
+                    await self._dispatch(orjson.loads(raw))
+                    failures = 0
+                close_code = self._ws.close_code
+            except websockets.ConnectionClosed as exc:
+                close_code = exc.rcvd.code if exc.rcvd else None
+            self._connected.clear()
+            if self._closing:
+                return
+            if close_code == CLOSE_AUTH_FAILED:
+                self._fail(AuthenticationFailed("Authentication failed"))
+                return
+            self._fail_replies()
+            while not self._closing:
+                failures += 1
+                if self.max_reconnects is not None and failures > self.max_reconnects:
+                    self._fail(ConnectionLost("gave up reconnecting"))
+                    return
+                delay = min(self.backoff_cap_s, self.backoff_base_s * 2**failures)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
+                try:
+                    await self._open()
+                    self.reconnects += 1
+                    break
+                except AuthenticationFailed as exc:
+                    self._fail(exc)
+                    return
+                except (OSError, GatewayError, websockets.WebSocketException) as exc:
+                    logger.info("reconnect failed (%s); retrying", exc)
+
+    def _fail(self, exc: GatewayError) -> None:
+        """End everything waiting: the connection is not coming back."""
+        self._failure = exc
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+        for session in self._sessions.values():
+            # A full queue's consumer finds the failure once it has drained it (see judge).
+            with contextlib.suppress(asyncio.QueueFull):
+                session.queue.put_nowait(exc)
+
+    def _fail_replies(self) -> None:
+        """Replies to ping/get_agents cannot be replayed: fail those waiters."""
+        kept: deque[_Waiter] = deque()
+        for waiter in self._waiters:
+            if waiter.request_id is None and not waiter.future.done():
+                waiter.future.set_exception(ConnectionLost("connection lost before the reply"))
+            elif waiter.request_id is not None:
+                kept.append(waiter)
+        self._waiters = kept
 
     async def close(self) -> None:
-        """Close the connection."""
+        """Close the connection and stop reconnecting."""
+        self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
 
     async def __aenter__(self) -> MagiClient:
         await self.connect()
         return self
 
     async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
 
-    async def _read(self) -> None:
-        assert self._ws is not None
-        async for raw in self._ws:
-            message = orjson.loads(raw)
-            session_id = message.get("session_id")
-            if message.get("type") == "agent_judgement_accepted":
-                queue = self._sessions.setdefault(session_id, asyncio.Queue(_QUEUE_SIZE))
-                await self._replies.put(message)
-                await queue.put(message)
-            elif session_id in self._sessions:
-                await self._sessions[session_id].put(message)
-            else:
-                await self._replies.put(message)
+    # -- messages --------------------------------------------------------------------
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        if self._ws is None:
-            raise GatewayError("not connected", code="not_connected")
-        await self._ws.send(orjson.dumps(message).decode())
+    async def _dispatch(self, message: dict[str, Any]) -> None:
+        session_id = message.get("session_id")
+        if message.get("type") == "agent_judgement_accepted":
+            for waiter in self._waiters:
+                if waiter.request_id is not None and waiter.request_id == message.get("request_id"):
+                    self._waiters.remove(waiter)
+                    self._sessions.setdefault(session_id, _Session())  # type: ignore[arg-type]
+                    waiter.future.set_result(message)
+                    break
+        if session_id in self._sessions:
+            session = self._sessions[session_id]
+            seq = message.get("seq")
+            if seq is None:  # an error about the session (e.g. session_not_found on resume)
+                await session.queue.put(message)
+            elif seq > session.last_seq:  # older ones are replays we already delivered
+                session.last_seq = seq
+                await session.queue.put(message)
+            return
+        if session_id is None and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(message)
 
-    async def _reply(self) -> dict[str, Any]:
-        reply = await self._replies.get()
+    async def _request(self, message: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+        if self._failure is not None:
+            raise self._failure
+        waiter = _Waiter(message, request_id)
+        self._waiters.append(waiter)
+        if self._connected.is_set() and self._ws is not None:
+            # If the send fails, the waiter is re-sent on reconnect or failed by _fail_replies.
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._ws.send(orjson.dumps(message).decode())
+        reply = await waiter.future
         if "error" in reply:
             raise GatewayError(reply["error"], code=reply.get("code"))
         return reply
 
+    async def ping(self) -> None:
+        """Round trip to the gateway."""
+        await self._request({"type": "ping"})
+
     async def agents(self) -> list[dict[str, Any]]:
         """Agents that have live workers."""
-        await self._send({"type": "get_agents"})
-        reply = await self._reply()
+        reply = await self._request({"type": "get_agents"})
         agents: list[dict[str, Any]] = reply["agents"]
         return agents
 
+    async def cancel(self, session_id: str) -> None:
+        """Ask the gateway to cancel a session (its finals arrive on the session)."""
+        if self._ws is not None:
+            await self._ws.send(orjson.dumps({"type": "cancel", "session_id": session_id}).decode())
+
     async def judge(
-        self,
-        user_input: str,
-        agent_ids: Sequence[str],
-        *,
-        request_id: str | None = None,
+        self, user_input: str, agent_ids: Sequence[str], *, request_id: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Ask ``agent_ids`` to judge ``user_input``; yield the session's messages."""
-        message: dict[str, Any] = {
+        request_id = request_id or uuid.uuid4().hex
+        message = {
             "type": "agent_judgement",
             "agent_ids": list(agent_ids),
             "data": {"user_input": user_input},
+            "request_id": request_id,
         }
-        if request_id is not None:
-            message["request_id"] = request_id
-        await self._send(message)
-        accepted = await self._reply()
+        accepted = await self._request(message, request_id)
         session_id = accepted["session_id"]
-        queue = self._sessions[session_id]
+        session = self._sessions[session_id]
         try:
             while True:
-                item = await queue.get()
+                if session.queue.empty() and self._failure is not None:
+                    raise self._failure
+                item = await session.queue.get()
+                if isinstance(item, GatewayError):
+                    raise item
+                if "error" in item:
+                    raise SessionNotFound(item["error"], code=item.get("code"), session_id=session_id)
                 yield item
                 if item.get("type") == "agent_judgement_complete":
                     return

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from ._types import AppId, ConnectionId, SessionId
 from .errors import CLOSE_TRY_AGAIN_LATER
+from .ratelimit import TokenBucket
 
 __all__ = ["Connection"]
 
@@ -28,12 +29,20 @@ class Connection:
     """Frames queued for one WebSocket, and the sessions attached to it."""
 
     def __init__(
-        self, connection_id: ConnectionId, appid: AppId, *, max_messages: int, peer: str = ""
+        self,
+        connection_id: ConnectionId,
+        appid: AppId,
+        *,
+        max_messages: int,
+        peer: str = "",
+        rate_limit: TokenBucket | None = None,
     ) -> None:
         self.id = connection_id
         self.appid = appid
         self.peer = peer
         self.max_messages = max_messages
+        #: Limits the client's messages (overflow policy: drop the frame, answer rate_limited).
+        self.rate_limit = rate_limit
         self.sessions: set[SessionId] = set()
         self._frames: deque[bytes] = deque()
         self._wakeup = asyncio.Event()

@@ -66,6 +66,7 @@ class RedisServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         persistence: bool = True,
+        fsync: str = "everysec",
         binary: str | None = None,
         extra_args: tuple[str, ...] = (),
     ) -> None:
@@ -73,6 +74,8 @@ class RedisServer:
         self.host = host
         self.port = port if port else free_port(host)
         self.persistence = persistence
+        #: appendfsync policy: "always" loses nothing on a crash, "everysec" up to a second.
+        self.fsync = fsync
         self.binary = binary or find_redis_server()
         self.extra_args = extra_args
         self.process: subprocess.Popen[bytes] | None = None
@@ -127,6 +130,11 @@ class RedisServer:
             time.sleep(0.05)
         self.stop()
         raise RedisServerError(f"{self.binary} did not answer on port {self.port}")
+
+    def restart(self, timeout_s: float = 15.0) -> None:
+        """Start again on the same port and data dir (after ``kill`` or ``stop``)."""
+        self.stop()
+        self.start(timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash, for fault tests)."""

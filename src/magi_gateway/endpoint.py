@@ -12,7 +12,7 @@ from . import metrics, protocol
 from ._types import AppId
 from .auth import FailureThrottle, TokenVerifier
 from .connection import Connection
-from .errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART
+from .errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
 from .gateway import Gateway
 
 __all__ = ["WebSocketEndpoint"]
@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 #: Close code for a browser whose Origin is not in CORS_ORIGINS (sent before accept: HTTP 403).
 CLOSE_ORIGIN_REJECTED = 4003
 _AUTH_FAILED = protocol.encode({"error": "Authentication failed", "code": "auth_failed"})
+_TOO_MANY_CONNECTIONS = protocol.encode(
+    {"error": "Too many connections for this appid; try again later", "code": "too_many_connections"}
+)
 _AUTH_THROTTLED = protocol.encode(
     {"error": "Too many failed authentication attempts; try again later", "code": "auth_throttled"}
 )
@@ -57,6 +60,10 @@ class WebSocketEndpoint:
             return
         if not self.gateway.accepting:
             await websocket.close(code=CLOSE_SERVICE_RESTART, reason="Service restart")
+            return
+        if self.gateway.at_capacity(AppId(appid)):
+            await websocket.send_text(_TOO_MANY_CONNECTIONS.decode())
+            await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Too many connections")
             return
         connection = self.gateway.connect(AppId(appid), peer)
 

@@ -8,6 +8,7 @@
      │    └── TooManyAgents
      ├── AuthenticationFailed   bad appid/token (close 4001)
      ├── SessionNotFound        unknown or expired session, or another app's
+     ├── RateLimited            too many messages on one connection
      ├── BackendUnavailable     Redis unreachable; converted at the Redis boundary
      └── AgentError             raised by an agent; its text becomes ``data.error``
 
@@ -29,6 +30,7 @@ __all__ = [
     "FrameTooLarge",
     "GatewayError",
     "ProtocolError",
+    "RateLimited",
     "SessionNotFound",
     "TooManyAgents",
     "error_frame",
@@ -84,6 +86,12 @@ class SessionNotFound(GatewayError):
     """The session does not exist, has expired, or belongs to another appid."""
 
     code = "session_not_found"
+
+
+class RateLimited(GatewayError):
+    """The connection sends messages faster than ``max_messages_per_s``."""
+
+    code = "rate_limited"
 
 
 class BackendUnavailable(GatewayError):

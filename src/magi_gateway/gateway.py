@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -32,11 +33,13 @@ from .errors import (
     CLOSE_SERVICE_RESTART,
     BackendUnavailable,
     GatewayError,
+    RateLimited,
     SessionNotFound,
     error_frame,
     internal_error_frame,
 )
 from .keys import Keys
+from .ratelimit import TokenBucket
 from .session import DeliveryCursor, Gap, ResultCode, new_session_id
 from .settings import Settings
 from .store import SessionInfo, Store, now_ms
@@ -88,6 +91,7 @@ class Gateway:
         self.accepting = False
         self._sessions: dict[SessionId, _LocalSession] = {}
         self._connections: dict[ConnectionId, Connection] = {}
+        self._per_app: dict[AppId, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -132,6 +136,10 @@ class Gateway:
 
     # -- connections -------------------------------------------------------------
 
+    def at_capacity(self, appid: AppId) -> bool:
+        """Whether ``appid`` has ``max_connections_per_app`` connections here already."""
+        return self._per_app.get(appid, 0) >= self.settings.max_connections_per_app
+
     def connect(self, appid: AppId, peer: str = "") -> Connection:
         """Register a new authenticated connection and greet it."""
         connection = Connection(
@@ -139,7 +147,11 @@ class Gateway:
             appid,
             max_messages=self.settings.max_outbound_messages,
             peer=peer,
+            rate_limit=TokenBucket(
+                self.settings.max_messages_per_s, self.settings.message_burst, time.monotonic()
+            ),
         )
+        self._per_app[appid] = self._per_app.get(appid, 0) + 1
         self._connections[connection.id] = connection
         connection.push(protocol.encode({"type": "connection_established", "connection_id": connection.id}))
         metrics.CONNECTIONS.inc()
@@ -147,7 +159,12 @@ class Gateway:
 
     def disconnect(self, connection: Connection) -> None:
         """Forget a closed connection; its sessions run on (disconnect is not cancel)."""
-        self._connections.pop(connection.id, None)
+        if self._connections.pop(connection.id, None) is not None:
+            remaining = self._per_app.get(connection.appid, 1) - 1
+            if remaining > 0:
+                self._per_app[connection.appid] = remaining
+            else:
+                self._per_app.pop(connection.appid, None)
         for session_id in list(connection.sessions):
             session = self._sessions.get(session_id)
             if session is not None and session.connection is connection:
@@ -158,6 +175,8 @@ class Gateway:
     async def handle_frame(self, connection: Connection, frame: str | bytes) -> None:
         """Act on one client frame; every failure becomes an error frame, never a raise."""
         try:
+            if connection.rate_limit is not None and not connection.rate_limit.allow(time.monotonic()):
+                raise RateLimited("Too many messages; slow down")
             message = protocol.parse_client_frame(frame, self.limits)
             await self._dispatch(connection, message)
         except GatewayError as exc:

@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(32 * 1024, ge=1)
     #: Stream chunks kept per session; later chunks are dropped (finals never are).
     max_session_messages: int = Field(10_000, ge=16)
+    #: Client messages per second per connection (average), and the burst allowed.
+    max_messages_per_s: float = Field(20.0, gt=0)
+    message_burst: int = Field(40, ge=1)
+    #: Open connections per appid on one gateway instance.
+    max_connections_per_app: int = Field(1000, ge=1)
+    #: Failed authentications per address per minute before it is refused for a while.
+    max_auth_failures_per_min: int = Field(10, ge=1)
     #: Messages queued for one slow client before it is closed with 1013.
     max_outbound_messages: int = Field(1024, ge=1)
     #: Requests kept per agent stream (approximate trim, a backstop, not a queue policy).

@@ -60,6 +60,9 @@ end
 return {seq, 1}
 """
 
+#: A request stream nobody writes to or serves for a day expires (with its group).
+REQUEST_STREAM_TTL_MS = 24 * 3600 * 1000
+
 # Negative codes returned by _APPEND_LUA, by meaning.
 _GONE, _COMPLETED, _NOT_PENDING, _FULL, _STILL_PENDING = -1, -2, -3, -4, -5
 
@@ -340,19 +343,23 @@ class Store:
         appid: AppId,
     ) -> None:
         """Add a request to the agent's stream for its workers' consumer group."""
+        stream = self.keys.requests(agent_id)
         with redis_errors():
-            await self.redis.xadd(
-                self.keys.requests(agent_id),
-                {
-                    "sid": session_id,
-                    "agent": agent_id,
-                    "input": user_input,
-                    "deadline_ms": deadline_ms,
-                    "appid": appid,
-                },
-                maxlen=self.request_stream_maxlen,
-                approximate=True,
-            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(
+                    stream,
+                    {
+                        "sid": session_id,
+                        "agent": agent_id,
+                        "input": user_input,
+                        "deadline_ms": deadline_ms,
+                        "appid": appid,
+                    },
+                    maxlen=self.request_stream_maxlen,
+                    approximate=True,
+                )
+                pipe.pexpire(stream, REQUEST_STREAM_TTL_MS)
+                await pipe.execute()
 
     # -- liveness ----------------------------------------------------------------
 
@@ -368,6 +375,8 @@ class Store:
                     pipe.zremrangebyscore(workers, "-inf", now)
                     self._extend_expiry(pipe, workers, ttl_ms * 3)
                     pipe.zadd(self.keys.agents, {agent_id: expires}, gt=True)
+                    # An agent's request stream lives as long as someone serves or asks it.
+                    pipe.pexpire(self.keys.requests(agent_id), REQUEST_STREAM_TTL_MS)
                 pipe.zremrangebyscore(self.keys.agents, "-inf", now)
                 self._extend_expiry(pipe, self.keys.agents, ttl_ms * 3)
                 await pipe.execute()
