@@ -73,7 +73,7 @@ class MagiClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         appid: str,
         secret: str,
@@ -82,7 +82,11 @@ class MagiClient:
         backoff_cap_s: float = 5.0,
         max_reconnects: int | None = None,
     ) -> None:
-        self.url = url
+        #: Gateway URLs; reconnects move to the next one (several instances behind no balancer).
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("at least one gateway URL is needed")
+        self._url_index = 0
         self.appid = appid
         self.secret = secret
         self.open_timeout_s = open_timeout_s
@@ -106,6 +110,11 @@ class MagiClient:
 
     # -- connection ------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        """The gateway URL in use (or tried next)."""
+        return self.urls[self._url_index % len(self.urls)]
+
     async def connect(self) -> None:
         """Connect (raising on failure), then keep the connection up in the background."""
         await self._open()
@@ -113,7 +122,8 @@ class MagiClient:
 
     async def _open(self) -> None:
         query = urlencode({"appid": self.appid, "token": self.token()})
-        ws = await websockets.connect(f"{self.url}?{query}", open_timeout=self.open_timeout_s, max_size=None)
+        url = self.urls[self._url_index % len(self.urls)]
+        ws = await websockets.connect(f"{url}?{query}", open_timeout=self.open_timeout_s, max_size=None)
         try:
             hello = orjson.loads(await ws.recv())
         except websockets.ConnectionClosed as exc:
@@ -158,6 +168,7 @@ class MagiClient:
                     return
                 delay = min(self.backoff_cap_s, self.backoff_base_s * 2**failures)
                 await asyncio.sleep(random.uniform(delay / 2, delay))
+                self._url_index += 1
                 try:
                     await self._open()
                     self.reconnects += 1

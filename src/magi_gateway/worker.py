@@ -276,8 +276,15 @@ class Worker:
             data: dict[str, Any] = {"thinking": text}
             if attempt > 1:
                 data["attempt"] = attempt
-            result = await self.store.append_stream(request.session_id, request.agent_id, data)
-            return result.seq is not None
+            backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+            while True:
+                try:
+                    result = await self.store.append_stream(request.session_id, request.agent_id, data)
+                    return result.seq is not None
+                except BackendUnavailable:
+                    # Ride out a Redis outage; the agent's deadline still bounds the wait.
+                    # (A chunk whose reply was lost in the outage may be logged twice.)
+                    await asyncio.sleep(backoff.next_delay())
 
         ctx = Context(
             session_id=request.session_id,
