@@ -39,11 +39,18 @@ class Backoff:
         self.failures = 0
 
 
-def connect(settings: Settings, *, client_name: str = "magi-gateway") -> Redis:
-    """A Redis client for ``settings.redis_dsn`` (``redis://``, ``rediss://``, ``unix://``)."""
+def connect(
+    settings: Settings, *, client_name: str = "magi-gateway", retries: int = _COMMAND_RETRIES
+) -> Redis:
+    """A Redis client for ``settings.redis_dsn`` (``redis://``, ``rediss://``, ``unix://``).
+
+    ``retries=0`` makes every connection failure surface at once: the notification
+    listener needs that, because a silent reconnect inside redis-py would skip the
+    catch-up read of what was published while it was away.
+    """
     retry = Retry(
         ExponentialWithJitterBackoff(cap=settings.redis_backoff_cap_s, base=settings.redis_backoff_base_s),
-        retries=_COMMAND_RETRIES,
+        retries=retries,
     )
     return Redis.from_url(
         settings.redis_dsn,

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 #: Messages buffered per session before the reader waits for the consumer (policy: block;
 #: a reader that stops reading lets the gateway close it with 1013, then it resumes).
 _QUEUE_SIZE = 1024
+#: Error code meaning "retry later": the gateway could not reach Redis.
+_RETRYABLE = "backend_unavailable"
+_JUDGE_ATTEMPTS = 10
 
 
 class ConnectionLost(GatewayError):
@@ -103,6 +106,7 @@ class MagiClient:
         self._failure: GatewayError | None = None
         self._sessions: dict[str, _Session] = {}
         self._waiters: deque[_Waiter] = deque()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def token(self) -> str:
         """A token for this minute."""
@@ -206,9 +210,10 @@ class MagiClient:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        tasks = [*self._tasks, *([self._runner] if self._runner is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> MagiClient:
         await self.connect()
@@ -233,7 +238,9 @@ class MagiClient:
         if session_id in self._sessions:
             session = self._sessions[session_id]
             seq = message.get("seq")
-            if seq is None:  # an error about the session (e.g. session_not_found on resume)
+            if seq is None and message.get("code") == _RETRYABLE:
+                self._spawn_resume(session_id)  # the gateway could not reach Redis: try again
+            elif seq is None:  # an error about the session (e.g. session_not_found on resume)
                 await session.queue.put(message)
             elif seq > session.last_seq:  # older ones are replays we already delivered
                 session.last_seq = seq
@@ -243,6 +250,19 @@ class MagiClient:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
                 waiter.future.set_result(message)
+
+    def _spawn_resume(self, session_id: str) -> None:
+        task = asyncio.create_task(self._resume_later(session_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resume_later(self, session_id: str) -> None:
+        await asyncio.sleep(random.uniform(self.backoff_base_s, self.backoff_cap_s))
+        session = self._sessions.get(session_id)
+        if session is not None and self._connected.is_set() and self._ws is not None:
+            resume = {"type": "resume", "session_id": session_id, "last_seq": session.last_seq}
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await self._ws.send(orjson.dumps(resume).decode())
 
     async def _request(self, message: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
         if self._failure is not None:
@@ -284,7 +304,16 @@ class MagiClient:
             "data": {"user_input": user_input},
             "request_id": request_id,
         }
-        accepted = await self._request(message, request_id)
+        for attempt in range(_JUDGE_ATTEMPTS):
+            try:
+                accepted = await self._request(message, request_id)
+                break
+            except GatewayError as exc:
+                # Redis unreachable behind the gateway: the same request_id is safe to retry.
+                if exc.code != _RETRYABLE or attempt == _JUDGE_ATTEMPTS - 1:
+                    raise
+                delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt + 1))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
         session_id = accepted["session_id"]
         session = self._sessions[session_id]
         try:

@@ -76,6 +76,7 @@ class Gateway:
         self.instance_id = InstanceId(secrets.token_hex(8))
         self.keys = Keys(settings.redis_key_prefix)
         self.redis = redis if redis is not None else connect(settings)
+        self._notifications = connect(settings, client_name="magi-gateway-notify", retries=0)
         self.store = Store(
             self.redis,
             self.keys,
@@ -121,6 +122,7 @@ class Gateway:
         _done, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S) if tasks else (set(), set())
         for task in stuck:
             logger.error("task %s ignored cancellation at shutdown", task.get_name())
+        await self._notifications.aclose()
         await self.redis.aclose()
         logger.info("gateway instance %s stopped", self.instance_id)
 
@@ -202,10 +204,17 @@ class Gateway:
             )
         elif isinstance(message, protocol.JudgementRequest):
             await self.open_judgement(connection, message)
-        elif isinstance(message, protocol.Resume):
-            await self.attach(connection, message.session_id, message.last_seq)
         else:
-            await self.cancel(connection, message.session_id)
+            try:
+                if isinstance(message, protocol.Resume):
+                    await self.attach(connection, message.session_id, message.last_seq)
+                else:
+                    await self.cancel(connection, message.session_id)
+            except GatewayError as exc:
+                # Say which session failed, so a client can retry that resume or cancel.
+                if exc.session_id is None:
+                    exc.session_id = message.session_id
+                raise
 
     # -- sessions ----------------------------------------------------------------
 
@@ -373,7 +382,7 @@ class Gateway:
         while True:
             pubsub: PubSub | None = None
             try:
-                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub = self._notifications.pubsub(ignore_subscribe_messages=True)
                 with redis_errors():
                     await pubsub.subscribe(channel)
                 if backoff.failures:
