@@ -129,7 +129,7 @@ async def wait_ready(cluster: Cluster) -> None:
 
 
 async def run_client(
-    index: int, cluster: Cluster, stop_at: float, records: list[list[dict[str, Any]]]
+    index: int, cluster: Cluster, stop_at: float, records: list[list[dict[str, Any]]], reconnects: list[int]
 ) -> None:
     urls = cluster.urls[index % 2 :] + cluster.urls[: index % 2]
     rng = random.Random(SEED * 100 + index)
