@@ -12,17 +12,19 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 import uvicorn
 from rich.console import Console
+from starlette.applications import Starlette
 
 from ._terminal import render_judgement
 from .agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
 from .auth import compute_token, minute_of
 from .client import MagiClient
 from .embedded import RedisServer, free_port
+from .gateway import Gateway
 from .sdk import Agent
 from .settings import Settings
 from .worker import Worker
@@ -56,7 +58,7 @@ def _secret(settings: Settings, data_dir: Path, *, create: bool) -> str:
     return secret
 
 
-def _uvicorn_config(asgi: Any, settings: Settings, host: str, port: int, level: str) -> uvicorn.Config:
+def _uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, level: str) -> uvicorn.Config:
     return uvicorn.Config(
         asgi,
         host=host,
@@ -66,8 +68,33 @@ def _uvicorn_config(asgi: Any, settings: Settings, host: str, port: int, level: 
         # Frames up to 4x the protocol limit reach the gateway and get a clear error;
         # only larger ones are cut by the transport (close 1009).
         ws_max_size=4 * settings.max_frame_bytes,
-        factory=isinstance(asgi, str),
     )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn server whose signals are handled by ``_serve_until_signal``."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises captured signals on exit: the process would die by SIGTERM
+        # (exit status 143) and `up` could not stop its Redis and demo worker after it.
+        yield
+
+
+async def _serve_until_signal(server: _Server, gateway: Gateway) -> None:
+    """Serve until SIGINT/SIGTERM; then close clients with 1012 (after flushing) and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(server.serve(), name="uvicorn")
+    stopping = asyncio.create_task(stop.wait(), name="signals")
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not serving.done():
+        await gateway.close_connections()
+        server.should_exit = True
+    await serving
 
 
 @app.command()
@@ -79,14 +106,12 @@ def serve(
     """Run the gateway only (Redis and workers run elsewhere)."""
     settings = Settings()
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    config = _uvicorn_config(
-        "magi_gateway.app:create_app",
-        settings,
-        host or settings.host,
-        port or settings.port,
-        log_level,
-    )
-    uvicorn.Server(config).run()
+    from .app import create_app
+
+    app = create_app(settings)
+    server = _Server(_uvicorn_config(app, settings, host or settings.host, port or settings.port, log_level))
+    with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+        runner.run(_serve_until_signal(server, app.state.gateway))
 
 
 def load_agents(specs: list[str], *, chunks: int, chunk_bytes: int, delay_s: float) -> list[Agent]:
@@ -181,16 +206,6 @@ def ask(
     asyncio.run(_ask(target, appid, chosen, text, agent_ids))
 
 
-class _Server(uvicorn.Server):
-    """uvicorn server that leaves signals to ``up``, which must stop Redis after it."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn re-raises captured signals on exit, which would kill the process
-        # before the embedded Redis and the demo worker are stopped.
-        yield
-
-
 async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bool) -> None:
     redis_server: RedisServer | None = None
     if not (_REDIS_FIELDS & settings.model_fields_set):
@@ -201,13 +216,11 @@ async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bo
     settings = settings.model_copy(update={"fixed_secret": secret, "host": host, "port": port})
     from .app import create_app
 
-    server = _Server(_uvicorn_config(create_app(settings), settings, host, port, "warning"))
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, setattr, server, "should_exit", True)
+    gateway_app = create_app(settings)
+    server = _Server(_uvicorn_config(gateway_app, settings, host, port, "warning"))
     worker = Worker(demo_agents(), settings)
     worker_task = asyncio.create_task(worker.run(), name="demo-agents")
-    server_task = asyncio.create_task(server.serve(), name="gateway")
+    server_task = asyncio.create_task(_serve_until_signal(server, gateway_app.state.gateway), name="gateway")
     try:
         while not server.started:
             if server_task.done():

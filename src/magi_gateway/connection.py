@@ -65,11 +65,12 @@ class Connection:
         self._wakeup.set()
         return True
 
-    def request_close(self, code: int, reason: str) -> None:
-        """Ask the sender to close the socket after nothing more (queued frames are dropped)."""
+    def request_close(self, code: int, reason: str, *, flush: bool = False) -> None:
+        """Ask the sender to close the socket; queued frames are sent first only if ``flush``."""
         if self._close is None:
             self._close = (code, reason)
-            self._frames.clear()
+            if not flush:
+                self._frames.clear()
             self._wakeup.set()
 
     async def run_sender(self, send_text: SendText, close: Close) -> None:
@@ -78,7 +79,7 @@ class Connection:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while frames and self._close is None:
+            while frames:
                 await send_text(frames.popleft().decode())
             if self._close is not None:
                 await close(*self._close)

@@ -108,7 +108,7 @@ class RedisServer:
             "--appendonly",
             "yes" if self.persistence else "no",
             "--appendfsync",
-            "everysec",
+            self.fsync,
             "--protected-mode",
             "yes",
             *self.extra_args,

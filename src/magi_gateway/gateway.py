@@ -93,6 +93,7 @@ class Gateway:
         self._sessions: dict[SessionId, _LocalSession] = {}
         self._connections: dict[ConnectionId, Connection] = {}
         self._per_app: dict[AppId, int] = {}
+        self._all_closed = asyncio.Event()  # set when the last connection goes away
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -110,6 +111,20 @@ class Gateway:
             logger.warning("Redis not reachable at startup; will keep retrying")
         self.accepting = True
         logger.info("gateway instance %s started", self.instance_id)
+
+    async def close_connections(self, timeout_s: float = 2.0) -> None:
+        """Stop accepting; send each client what is queued, then close it with 1012.
+
+        Called on SIGTERM before the server stops, so clients learn they should
+        reconnect (to another instance) and resume.
+        """
+        self.accepting = False
+        for connection in list(self._connections.values()):
+            connection.request_close(CLOSE_SERVICE_RESTART, "Service restart", flush=True)
+        if self._connections:
+            self._all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), timeout_s)
 
     async def stop(self) -> None:
         """Stop accepting, tell clients to reconnect elsewhere, drain, close Redis."""
@@ -167,6 +182,8 @@ class Gateway:
                 self._per_app[connection.appid] = remaining
             else:
                 self._per_app.pop(connection.appid, None)
+        if not self._connections:
+            self._all_closed.set()
         for session_id in list(connection.sessions):
             session = self._sessions.get(session_id)
             if session is not None and session.connection is connection:
