@@ -31,6 +31,7 @@ from urllib.parse import urlencode
 import orjson
 import websockets
 
+from ._tasks import cancel_and_wait
 from .auth import compute_token, minute_of
 from .errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
 
@@ -107,6 +108,8 @@ class MagiClient:
         self._sessions: dict[str, _Session] = {}
         self._waiters: deque[_Waiter] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Sessions this client cancelled: errors about them answer no request.
+        self._cancelled: set[str] = set()
 
     def token(self) -> str:
         """A token for this minute."""
@@ -210,10 +213,7 @@ class MagiClient:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        tasks = [*self._tasks, *([self._runner] if self._runner is not None else [])]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([*self._tasks, *([self._runner] if self._runner is not None else [])])
 
     async def __aenter__(self) -> MagiClient:
         await self.connect()
@@ -246,7 +246,11 @@ class MagiClient:
                 session.last_seq = seq
                 await session.queue.put(message)
             return
-        if session_id is None and self._waiters:
+        # Replies in order: the oldest waiter's. An error naming a session we do not
+        # follow (e.g. a request_id whose session expired) is such a reply too.
+        if session_id in self._cancelled:
+            return  # the reply to a cancel (session_completed / session_not_found)
+        if (session_id is None or "error" in message) and self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
                 waiter.future.set_result(message)
@@ -291,6 +295,7 @@ class MagiClient:
     async def cancel(self, session_id: str) -> None:
         """Ask the gateway to cancel a session (its finals arrive on the session)."""
         if self._ws is not None:
+            self._cancelled.add(session_id)
             await self._ws.send(orjson.dumps({"type": "cancel", "session_id": session_id}).decode())
 
     async def judge(

@@ -46,6 +46,7 @@ class Connection:
         self.sessions: set[SessionId] = set()
         self._frames: deque[bytes] = deque()
         self._wakeup = asyncio.Event()
+        self._room = asyncio.Event()
         self._close: tuple[int, str] | None = None
 
     @property
@@ -72,6 +73,13 @@ class Connection:
             if not flush:
                 self._frames.clear()
             self._wakeup.set()
+            self._room.set()
+
+    async def wait_for_room(self, count: int) -> None:
+        """Wait until ``count`` more frames fit in the buffer (or the connection closes)."""
+        while self._close is None and len(self._frames) + count > self.max_messages:
+            self._room.clear()
+            await self._room.wait()
 
     async def run_sender(self, send_text: SendText, close: Close) -> None:
         """Send queued frames until a close is requested; then close the socket."""
@@ -81,6 +89,9 @@ class Connection:
             self._wakeup.clear()
             while frames:
                 await send_text(frames.popleft().decode())
+                if len(frames) <= self.max_messages // 2:
+                    self._room.set()
+            self._room.set()
             if self._close is not None:
                 await close(*self._close)
                 return

@@ -91,7 +91,9 @@ class WebSocketEndpoint:
             frame = message.get("text")
             if frame is None:
                 frame = message.get("bytes") or b""
-            await self.gateway.handle_frame(connection, frame)
+            # Shielded: when the connection goes away mid-frame the receiver is cancelled,
+            # but the frame's work (e.g. queueing a judgement's requests) completes.
+            await asyncio.shield(self.gateway.submit_frame(connection, frame))
 
     async def _reject(self, websocket: WebSocket, frame: bytes) -> None:
         metrics.AUTH_FAILURES.inc()

@@ -26,7 +26,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from . import metrics, protocol
+from ._delivery import Delivery
 from ._redis import Backoff, connect, redis_errors
+from ._tasks import cancel_and_wait
 from ._types import AgentId, AppId, ConnectionId, InstanceId, SessionId
 from .connection import Connection
 from .errors import (
@@ -40,7 +42,7 @@ from .errors import (
 )
 from .keys import Keys
 from .ratelimit import TokenBucket
-from .session import DeliveryCursor, Gap, ResultCode, new_session_id
+from .session import ResultCode, new_session_id
 from .settings import Settings
 from .store import SessionInfo, Store, now_ms
 
@@ -48,24 +50,11 @@ __all__ = ["Gateway"]
 
 logger = logging.getLogger(__name__)
 
-_COMPLETE_PREFIX = b'{"type":"agent_judgement_complete"'
 _LOOPBACK = b""  # session id part of a readiness probe notification
 _SWEEP_INTERVAL_S = 0.2
 _STOP_TIMEOUT_S = 5.0
 _CREATION_WAIT_POLLS = 20
 _CREATION_WAIT_POLL_S = 0.05
-
-
-class _LocalSession:
-    """A session this instance delivers to one of its connections."""
-
-    __slots__ = ("connection", "cursor", "id", "lock")
-
-    def __init__(self, session_id: SessionId, connection: Connection, last_seq: int):
-        self.id = session_id
-        self.connection = connection
-        self.cursor = DeliveryCursor(last_seq)
-        self.lock = asyncio.Lock()
 
 
 class Gateway:
@@ -90,7 +79,7 @@ class Gateway:
             max_input_bytes=settings.max_input_bytes,
         )
         self.accepting = False
-        self._sessions: dict[SessionId, _LocalSession] = {}
+        self.delivery = Delivery(self.store, self._spawn, self._backoff)
         self._connections: dict[ConnectionId, Connection] = {}
         self._per_app: dict[AppId, int] = {}
         self._all_closed = asyncio.Event()  # set when the last connection goes away
@@ -131,20 +120,19 @@ class Gateway:
         self.accepting = False
         for connection in list(self._connections.values()):
             connection.request_close(CLOSE_SERVICE_RESTART, "Service restart")
-        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
-        for task in tasks:
-            task.cancel()
-        _done, stuck = await asyncio.wait(tasks, timeout=_STOP_TIMEOUT_S) if tasks else (set(), set())
-        for task in stuck:
-            logger.error("task %s ignored cancellation at shutdown", task.get_name())
+        await cancel_and_wait([*self._tasks, *([self._listener] if self._listener else [])], _STOP_TIMEOUT_S)
         await self._notifications.aclose()
         await self.redis.aclose()
         logger.info("gateway instance %s stopped", self.instance_id)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
+
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -184,12 +172,12 @@ class Gateway:
                 self._per_app.pop(connection.appid, None)
         if not self._connections:
             self._all_closed.set()
-        for session_id in list(connection.sessions):
-            session = self._sessions.get(session_id)
-            if session is not None and session.connection is connection:
-                self._untrack(session)
-        connection.sessions.clear()
+        self.delivery.forget_connection(connection)
         metrics.CONNECTIONS.dec()
+
+    def submit_frame(self, connection: Connection, frame: str | bytes) -> asyncio.Task[Any]:
+        """Handle a frame in a tracked task: a disconnect must not cut a judgement's setup short."""
+        return self._spawn(self.handle_frame(connection, frame), f"frame-{connection.id}")
 
     async def handle_frame(self, connection: Connection, frame: str | bytes) -> None:
         """Act on one client frame; every failure becomes an error frame, never a raise."""
@@ -245,18 +233,22 @@ class Gateway:
                 appid, request.request_id, session_id, timeout_ms + self.settings.session_retention_s * 1000
             )
             if existing is not None:
-                # A retried request: the same session again, replayed from the start.
-                await self.attach(connection, existing, 0, wait_for_creation=True)
-                return
+                # A retried request: the same session again, replayed from the start
+                # (unless it has expired meanwhile: then the request starts afresh).
+                try:
+                    await self.attach(connection, existing, 0, wait_for_creation=True)
+                    return
+                except SessionNotFound:
+                    await self.store.rebind_request_id(appid, request.request_id, session_id, existing)
         deadline_ms = now_ms() + timeout_ms
-        session = self._track(session_id, connection, 0)
+        session = self.delivery.track(session_id, connection, 0)
         try:
             live = await self.store.live_worker_counts(request.agent_ids)
             await self.store.create_session(
                 session_id, appid, self.instance_id, request.agent_ids, deadline_ms, request.request_id
             )
         except BackendUnavailable:
-            self._untrack(session)
+            self.delivery.untrack(session)
             if request.request_id is not None:
                 with contextlib.suppress(BackendUnavailable):
                     await self.store.release_request_id(appid, request.request_id, session_id)
@@ -295,22 +287,11 @@ class Gateway:
     ) -> None:
         """Deliver a session to ``connection``: replay after ``last_seq``, then live."""
         info = await self._session_info(connection, session_id, wait=wait_for_creation)
-        session = self._sessions.get(session_id)
-        if session is None:
-            session = self._track(session_id, connection, last_seq)
-        else:
-            if session.connection is not connection:
-                session.connection.sessions.discard(session_id)
-            session.connection = connection
-            connection.sessions.add(session_id)
-            session.cursor = DeliveryCursor(last_seq)
         if info.owner != self.instance_id and not info.completed:
             await self.store.set_owner(session_id, self.instance_id)
-        async with session.lock:
-            for seq, frame in await self.store.read_log(session_id, last_seq + 1):
-                self._push(session, seq, frame)
-        if info.completed:
-            self._untrack(session)
+        # The replay runs as a task, paced by the connection's buffer, and hands over to
+        # live delivery once it has caught up with the log.
+        self.delivery.replay(self.delivery.track(session_id, connection, last_seq))
 
     async def cancel(self, connection: Connection, session_id: SessionId) -> None:
         """Give every pending agent a cancelled final and tell the workers to stop."""
@@ -323,17 +304,6 @@ class Gateway:
                     session_id, agent_id, ResultCode.CANCELLED, {"error": "Cancelled by the client"}
                 )
         await self.store.announce_cancel(session_id)
-
-    def _track(self, session_id: SessionId, connection: Connection, last_seq: int) -> _LocalSession:
-        session = _LocalSession(session_id, connection, last_seq)
-        self._sessions[session_id] = session
-        connection.sessions.add(session_id)
-        return session
-
-    def _untrack(self, session: _LocalSession) -> None:
-        if self._sessions.get(session.id) is session:
-            del self._sessions[session.id]
-        session.connection.sessions.discard(session.id)
 
     async def _sweep_deadlines(self) -> None:
         """Give agents still pending at their session's deadline a timeout final."""
@@ -356,41 +326,7 @@ class Gateway:
             except BackendUnavailable:
                 await asyncio.sleep(backoff.next_delay())
 
-    # -- delivery ----------------------------------------------------------------
-
-    def _push(self, session: _LocalSession, seq: int, frame: bytes) -> None:
-        session.cursor.sent(seq)
-        session.connection.push(frame)
-        metrics.MESSAGES_OUT.inc()
-        if frame.startswith(_COMPLETE_PREFIX):
-            self._untrack(session)
-
-    async def _deliver(self, session_id: SessionId, seq: int, frame: bytes) -> None:
-        session = self._sessions.get(session_id)
-        if session is None:
-            return
-        if not session.lock.locked():
-            offer = session.cursor.offer(seq)
-            if offer is True:
-                self._push(session, seq, frame)
-                return
-            if offer is False:
-                return
-        async with session.lock:
-            offer = session.cursor.offer(seq)
-            if isinstance(offer, Gap):
-                for missing_seq, missing in await self.store.read_log(session_id, offer.first, offer.last):
-                    self._push(session, missing_seq, missing)
-                offer = session.cursor.offer(seq)
-            if offer is True:
-                self._push(session, seq, frame)
-
-    async def _catch_up(self) -> None:
-        """After a subscription outage, deliver what was logged meanwhile."""
-        for session in list(self._sessions.values()):
-            async with session.lock:
-                for seq, frame in await self.store.read_log(session.id, session.cursor.last_seq + 1):
-                    self._push(session, seq, frame)
+    # -- notifications -----------------------------------------------------------
 
     async def _listen(self) -> None:
         """Receive this instance's notifications, reconnecting with backoff."""
@@ -405,14 +341,14 @@ class Gateway:
                 if backoff.failures:
                     metrics.REDIS_RECONNECTS.inc()
                     logger.info("notification subscription restored")
-                    await self._catch_up()
+                    self.delivery.replay_all()
                 backoff.reset()
                 self._subscribed.set()
                 with redis_errors():
                     # A blocking read: cancellation of a read with a timeout can be lost
                     # when both happen at once (asyncio.timeout in 3.11), hanging shutdown.
                     async for message in pubsub.listen():
-                        await self._on_notification(message["data"])
+                        self._on_notification(message["data"])
             except BackendUnavailable as exc:
                 self._subscribed.clear()
                 delay = backoff.next_delay()
@@ -423,14 +359,14 @@ class Gateway:
                 if pubsub is not None:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _on_notification(self, data: bytes) -> None:
+    def _on_notification(self, data: bytes) -> None:
         session_part, seq_part, frame = data.split(b"\n", 2)
         if session_part == _LOOPBACK:
             probe = self._probes.pop(frame, None)
             if probe is not None and not probe.done():
                 probe.set_result(None)
             return
-        await self._deliver(SessionId(session_part.decode()), int(seq_part), frame)
+        self.delivery.deliver(SessionId(session_part.decode()), int(seq_part), frame)
 
     # -- readiness ---------------------------------------------------------------
 

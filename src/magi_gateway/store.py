@@ -150,6 +150,16 @@ class Store:
             existing: Any = await self.redis.get(key)
         return SessionId(existing.decode()) if existing else None
 
+    async def rebind_request_id(
+        self, appid: AppId, request_id: str, session_id: SessionId, expired: SessionId
+    ) -> None:
+        """Point ``request_id`` at a new session once the one it named has expired."""
+        key = self.keys.idempotency(appid, request_id)
+        with redis_errors():
+            current: Any = await self.redis.get(key)
+            if current is None or current.decode() == expired:
+                await self.redis.set(key, session_id, px=self.retention_ms)
+
     async def release_request_id(self, appid: AppId, request_id: str, session_id: SessionId) -> None:
         """Undo ``claim_request_id`` for a session that could not be created."""
         key = self.keys.idempotency(appid, request_id)
@@ -230,12 +240,14 @@ class Store:
             await self.redis.hset(self.keys.session(session_id).meta, "owner", owner)
 
     async def read_log(
-        self, session_id: SessionId, first_seq: int, last_seq: int | None = None
+        self, session_id: SessionId, first_seq: int, last_seq: int | None = None, *, count: int | None = None
     ) -> list[tuple[int, bytes]]:
-        """Stored frames with ``first_seq <= seq <= last_seq`` (to the end when None)."""
+        """Stored frames with ``first_seq <= seq <= last_seq`` (to the end when None), at most ``count``."""
         end = "+" if last_seq is None else f"0-{last_seq}"
         with redis_errors():
-            entries: Any = await self.redis.xrange(self.keys.session(session_id).log, f"0-{first_seq}", end)
+            entries: Any = await self.redis.xrange(
+                self.keys.session(session_id).log, f"0-{first_seq}", end, count=count
+            )
         return [(int(entry_id.split(b"-")[1]), fields[b"f"]) for entry_id, fields in entries]
 
     async def _run_append(

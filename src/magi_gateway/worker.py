@@ -30,6 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from ._redis import Backoff, connect, redis_errors
+from ._tasks import cancel_and_wait
 from ._types import AgentId, SessionId
 from .errors import AgentError, BackendUnavailable
 from .keys import WORKER_GROUP, Keys
@@ -98,9 +99,7 @@ class Worker:
             await self._read_loop()
         finally:
             await self._drain()
-            for task in helpers:
-                task.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            await cancel_and_wait(helpers)
             try:
                 await self.store.retire_worker(self.worker_id, list(self.agents))
             except BackendUnavailable:
@@ -309,9 +308,7 @@ class Worker:
         if not tasks:
             return
         _done, pending = await asyncio.wait(tasks, timeout=self.grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await cancel_and_wait(pending)
 
     async def _serve(self, request: Request, ctx: Context) -> None:
         agent = self.agents[request.agent_id]
