@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import time
 from collections.abc import AsyncIterator
 from importlib.resources import files
@@ -14,7 +16,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from .auth import FailureThrottle, TokenVerifier, compute_token, minute_of
 from .endpoint import WebSocketEndpoint
@@ -22,6 +26,42 @@ from .gateway import Gateway
 from .settings import Settings
 
 __all__ = ["create_app"]
+
+#: The console is static: its script, styles and icon come from this origin only, and it
+#: talks to this gateway only. ``connect-src 'self'`` covers same-origin ws:/wss: in current
+#: browsers; older ones need the WebSocket origin spelled out (see ``_console_headers``).
+_CONSOLE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'{sockets}; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+def _console_headers(host: str) -> dict[str, str]:
+    """Headers of the console page served for ``host`` (the request's Host header)."""
+    sockets = f" ws://{host} wss://{host}" if _HOST.fullmatch(host) else ""
+    return {
+        "Content-Security-Policy": _CONSOLE_POLICY.format(sockets=sockets),
+        "Cache-Control": "no-cache",
+        "Referrer-Policy": "no-referrer",
+        "X-Content-Type-Options": "nosniff",
+    }
+
+
+class _ConsoleAssets(StaticFiles):
+    """The console's static files, revalidated on every use (cheap 304s), so a browser
+    never pairs a new ``index.html`` with an old ``console.js`` after an upgrade."""
+
+    def file_response(
+        self,
+        full_path: str | os.PathLike[str],
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
 
 
 def create_app(settings: Settings | None = None) -> Starlette:
@@ -53,7 +93,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     async def console(request: Request) -> Response:
         page = files("magi_gateway").joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=_console_headers(request.headers.get("host", "")))
 
     async def issue_token(request: Request) -> Response:
         try:
@@ -81,6 +121,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Route("/", console),
+        # The console's script, stylesheet and icon (shipped in the wheel with the package).
+        Mount("/static", _ConsoleAssets(packages=[("magi_gateway", "static")]), name="static"),
     ]
     if settings.debug:
         routes.append(Route("/v1/token", issue_token, methods=["POST"]))

@@ -1,0 +1,120 @@
+// Tokens for the seed scheme: sha256(appid + secret + minute) as hex, first 10 characters,
+// with minute = floor(unix time / 60). The secret never leaves the browser.
+//
+// Web Crypto (crypto.subtle) only exists in a secure context: https, or http on
+// localhost / 127.0.0.1. A console opened over plain http from another host falls
+// back to the small SHA-256 below, so it still works there.
+
+const TOKEN_LENGTH = 10;
+
+/** The token minute of a time in milliseconds (Python: int(time.time() // 60)). */
+export function minuteOf(ms = Date.now()) {
+  return Math.floor(ms / 60000);
+}
+
+/** The token for `appid` signed with `secret` in the current minute. */
+export async function seedToken(appid, secret, ms = Date.now()) {
+  const hex = await sha256Hex(`${appid}${secret}${minuteOf(ms)}`);
+  return hex.slice(0, TOKEN_LENGTH);
+}
+
+/** A demo token from the gateway's DEBUG-only `POST /v1/token`. */
+export async function debugToken(appid) {
+  const reply = await fetch("/v1/token", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ appid }),
+    cache: "no-store",
+  });
+  if (reply.status === 404 || reply.status === 405) {
+    throw new TokenError("This gateway does not issue debug tokens (DEBUG is off): use the secret", true);
+  }
+  const body = await reply.json().catch(() => ({}));
+  if (!reply.ok || typeof body.token !== "string") {
+    throw new TokenError(body.error || `Token request failed (HTTP ${reply.status})`, reply.status < 500);
+  }
+  return body.token;
+}
+
+/** A token could not be obtained; `final` means retrying will not help. */
+export class TokenError extends Error {
+  constructor(message, final) {
+    super(message);
+    this.final = final;
+  }
+}
+
+/** Lowercase hex SHA-256 of the UTF-8 bytes of `text`. */
+export async function sha256Hex(text) {
+  const bytes = new TextEncoder().encode(text);
+  if (globalThis.crypto?.subtle) {
+    const digest = await crypto.subtle.digest("SHA-256", bytes);
+    return toHex(new Uint8Array(digest));
+  }
+  return sha256HexFallback(bytes);
+}
+
+function toHex(bytes) {
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+// FIPS 180-4 constants: fractional parts of the cube roots of the first 64 primes...
+const K = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+// ...and of the square roots of the first 8 primes.
+const H0 = [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+
+const ror = (x, n) => (x >>> n) | (x << (32 - n));
+
+/** Plain-JS SHA-256 of `bytes` (a Uint8Array), for insecure contexts. */
+export function sha256HexFallback(bytes) {
+  // Padding: 0x80, zeros, then the bit length as a 64-bit big-endian number.
+  const length = bytes.length;
+  const padded = new Uint8Array((((length + 9 + 63) >> 6) << 6));
+  padded.set(bytes);
+  padded[length] = 0x80;
+  const view = new DataView(padded.buffer);
+  view.setUint32(padded.length - 8, Math.floor(length / 0x20000000));
+  view.setUint32(padded.length - 4, (length << 3) >>> 0);
+
+  const h = new Uint32Array(H0);
+  const w = new Uint32Array(64);
+  for (let block = 0; block < padded.length; block += 64) {
+    for (let i = 0; i < 16; i++) w[i] = view.getUint32(block + i * 4);
+    for (let i = 16; i < 64; i++) {
+      const s0 = ror(w[i - 15], 7) ^ ror(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = ror(w[i - 2], 17) ^ ror(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    let [a, b, c, d, e, f, g, hh] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = (hh + (ror(e, 6) ^ ror(e, 11) ^ ror(e, 25)) + ((e & f) ^ (~e & g)) + K[i] + w[i]) | 0;
+      const t2 = ((ror(a, 2) ^ ror(a, 13) ^ ror(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) | 0;
+      hh = g;
+      g = f;
+      f = e;
+      e = (d + t1) | 0;
+      d = c;
+      c = b;
+      b = a;
+      a = (t1 + t2) | 0;
+    }
+    h[0] += a;
+    h[1] += b;
+    h[2] += c;
+    h[3] += d;
+    h[4] += e;
+    h[5] += f;
+    h[6] += g;
+    h[7] += hh;
+  }
+  return Array.from(h, (x) => x.toString(16).padStart(8, "0")).join("");
+}
