@@ -1,10 +1,9 @@
-"""The ``magi-gateway`` command line: up, serve, agent, ask, token."""
+"""The ``magi-gateway`` command line: up, serve, agent, ask, token, bench."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import secrets
@@ -21,7 +20,9 @@ from starlette.applications import Starlette
 
 from ._terminal import render_judgement
 from .agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
+from .agents.config import AgentsConfigError, import_agents, load_agents_file, make_llm_agent
 from .auth import compute_token, minute_of
+from .bench.commands import app as bench_app
 from .client import MagiClient
 from .embedded import RedisServer, free_port
 from .gateway import Gateway
@@ -32,11 +33,12 @@ from .worker import Worker
 __all__ = ["app", "main"]
 
 app = typer.Typer(help="Magi Gateway: WebSocket access to AI agents over Redis.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 console = Console()
 
 DEFAULT_DATA_DIR = Path(".magi")
 DEMO_QUESTION = "Should NERV deploy the untested weapon against the Angel?"
-_AGENT_HELP = "demo | melchior | balthasar | casper | bench | module:object"
+_AGENT_HELP = "demo | melchior | balthasar | casper | bench | llm | FILE.toml | module:object"
 _REDIS_FIELDS = {"redis_url", "redis_host", "redis_port", "redis_db", "redis_password"}
 
 
@@ -114,31 +116,43 @@ def serve(
         runner.run(_serve_until_signal(server, app.state.gateway))
 
 
-def load_agents(specs: list[str], *, chunks: int, chunk_bytes: int, delay_s: float) -> list[Agent]:
-    """Agents named by ``specs``: demo, melchior|balthasar|casper, bench, or module:object."""
+def load_agents(
+    specs: list[str],
+    *,
+    chunks: int,
+    chunk_bytes: int,
+    delay_s: float,
+    config: Path | None = None,
+    name: str | None = None,
+    persona: str | None = None,
+    model: str | None = None,
+    base_url: str | None = None,
+) -> list[Agent]:
+    """Agents named by ``specs`` (see ``_AGENT_HELP``), then those of the ``config`` file."""
     agents: list[Agent] = []
     demo = {a.name: a for a in demo_agents()}
-    for spec in specs:
-        if spec == "demo":
-            agents.extend(demo.values())
-        elif spec in DEMO_AGENT_NAMES:
-            agents.append(demo[spec])
-        elif spec == "bench":
-            agents.append(BenchAgent(chunks=chunks, chunk_bytes=chunk_bytes, delay_s=delay_s))
-        elif ":" in spec:
-            module_name, _, attr = spec.partition(":")
-            obj = getattr(importlib.import_module(module_name), attr)
-            if isinstance(obj, type) and issubclass(obj, Agent):
-                obj = obj()
-            found = obj if isinstance(obj, list | tuple) else [obj]
-            for item in found:
-                if not isinstance(item, Agent):
-                    raise typer.BadParameter(f"{spec} is not an Agent (see magi_gateway.agent)")
-                agents.append(item)
-        else:
-            raise typer.BadParameter(
-                f"unknown agent {spec!r}: use demo, melchior, balthasar, casper, bench or module:object"
-            )
+    try:
+        for spec in specs:
+            if spec == "demo":
+                agents.extend(demo.values())
+            elif spec in DEMO_AGENT_NAMES:
+                agents.append(demo[spec])
+            elif spec == "bench":
+                agents.append(BenchAgent(chunks=chunks, chunk_bytes=chunk_bytes, delay_s=delay_s))
+            elif spec == "llm":
+                if not name:
+                    raise typer.BadParameter("agent llm needs --name")
+                agents.append(make_llm_agent(name, persona, model=model, base_url=base_url))
+            elif spec.endswith(".toml"):
+                agents.extend(load_agents_file(spec))
+            elif ":" in spec:
+                agents.extend(import_agents(spec))
+            else:
+                raise typer.BadParameter(f"unknown agent {spec!r}: use {_AGENT_HELP.replace(' |', ',')}")
+        if config is not None:
+            agents.extend(load_agents_file(config))
+    except AgentsConfigError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     return agents
 
 
@@ -151,10 +165,14 @@ async def _run_worker(worker: Worker) -> None:
 
 @app.command()
 def agent(
-    names: Annotated[
-        list[str],
-        typer.Argument(help="demo | melchior | balthasar | casper | bench | module:object"),
-    ],
+    names: Annotated[list[str] | None, typer.Argument(help=_AGENT_HELP)] = None,
+    config: Annotated[Path | None, typer.Option(help="An agents file (agents.toml) to serve")] = None,
+    name: Annotated[str | None, typer.Option(help="llm: the agent's name")] = None,
+    persona: Annotated[
+        str | None, typer.Option(help="llm: scientist | mother | woman | a prompt file")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="llm: model (default: env LLM_MODEL)")] = None,
+    base_url: Annotated[str | None, typer.Option(help="llm: API root (default: env LLM_BASE_URL)")] = None,
     concurrency: Annotated[
         int | None, typer.Option(help="Requests run at once [env WORKER_CONCURRENCY]")
     ] = None,
@@ -165,7 +183,19 @@ def agent(
 ) -> None:
     """Run a worker serving the named agents."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    agents = load_agents(names, chunks=chunks, chunk_bytes=chunk_bytes, delay_s=delay)
+    if not names and config is None:
+        raise typer.BadParameter(f"name the agents to serve ({_AGENT_HELP}) or give --config FILE")
+    agents = load_agents(
+        names or [],
+        chunks=chunks,
+        chunk_bytes=chunk_bytes,
+        delay_s=delay,
+        config=config,
+        name=name,
+        persona=persona,
+        model=model,
+        base_url=base_url,
+    )
     worker = Worker(agents, Settings(), concurrency=concurrency, burst=burst)
     console.print(f"worker {worker.worker_id} serving {', '.join(worker.agents)}", style="dim")
     asyncio.run(_run_worker(worker))
@@ -206,7 +236,9 @@ def ask(
     asyncio.run(_ask(target, appid, chosen, text, agent_ids))
 
 
-async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bool) -> None:
+async def _up(
+    settings: Settings, host: str, port: int, data_dir: Path, demo: bool, agents: list[Agent] | None
+) -> None:
     redis_server: RedisServer | None = None
     if not (_REDIS_FIELDS & settings.model_fields_set):
         redis_server = RedisServer(data_dir / "redis", port=free_port())
@@ -218,8 +250,9 @@ async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bo
 
     gateway_app = create_app(settings)
     server = _Server(_uvicorn_config(gateway_app, settings, host, port, "warning"))
-    worker = Worker(demo_agents(), settings)
-    worker_task = asyncio.create_task(worker.run(), name="demo-agents")
+    worker = Worker(agents or demo_agents(), settings)
+    agent_ids: list[str] = list(worker.agents)
+    worker_task = asyncio.create_task(worker.run(), name="agents")
     server_task = asyncio.create_task(_serve_until_signal(server, gateway_app.state.gateway), name="gateway")
     try:
         while not server.started:
@@ -227,9 +260,8 @@ async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bo
                 return
             await asyncio.sleep(0.05)
         ws_url = f"ws://127.0.0.1:{port}/ws"
-        console.print(
-            f"[bold]Magi Gateway is up[/bold] (instance with demo agents {', '.join(DEMO_AGENT_NAMES)})"
-        )
+        kind = "agents" if agents else "demo agents"
+        console.print(f"[bold]Magi Gateway is up[/bold] (instance with {kind} {', '.join(agent_ids)})")
         console.print(f"  console    http://127.0.0.1:{port}/")
         console.print(f"  websocket  {ws_url}")
         where = f"embedded, data in {data_dir / 'redis'}" if redis_server else "external"
@@ -238,10 +270,11 @@ async def _up(settings: Settings, host: str, port: int, data_dir: Path, demo: bo
         console.print(f"  token      magi-gateway token my-app --secret {secret}", soft_wrap=True)
         if demo:
             console.print(f"\nA first judgement: [italic]{DEMO_QUESTION}[/italic]")
-            await _ask(ws_url, "magi-up", secret, DEMO_QUESTION, list(DEMO_AGENT_NAMES))
+            await _ask(ws_url, "magi-up", secret, DEMO_QUESTION, agent_ids)
         console.print("\nAsk your own (in another terminal):")
+        which = f" --agents {','.join(agent_ids)}" if agents else ""
         console.print(
-            f'  magi-gateway ask --url {ws_url} --secret {secret} "Shall we have tea?"',
+            f'  magi-gateway ask --url {ws_url} --secret {secret}{which} "Shall we have tea?"',
             soft_wrap=True,
         )
         console.print("Press Ctrl-C to stop.", style="dim")
@@ -263,10 +296,16 @@ def up(
         Path, typer.Option(help="Embedded Redis data and the generated secret")
     ] = DEFAULT_DATA_DIR,
     demo: Annotated[bool, typer.Option(help="Run one demo judgement once up")] = True,
+    agents_file: Annotated[
+        Path | None, typer.Option("--agents", help="Run the agents of this file instead of the demo trio")
+    ] = None,
 ) -> None:
-    """Embedded Redis + gateway + demo agents, in one command."""
+    """Embedded Redis + gateway + demo agents (or those of --agents FILE), in one command."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    asyncio.run(_up(Settings(), host, port, data_dir.resolve(), demo))
+    agents = None
+    if agents_file is not None:
+        agents = load_agents([], chunks=50, chunk_bytes=100, delay_s=0.0, config=agents_file)
+    asyncio.run(_up(Settings(), host, port, data_dir.resolve(), demo, agents))
 
 
 def main() -> None:
