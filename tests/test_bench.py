@@ -1,0 +1,96 @@
+"""``magi-gateway bench``: a smoke run of relay and idle, and the histogram they report with.
+
+Smoke tests only: they check that the benchmarks run end to end against real processes
+and report positive figures, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from magi_gateway.agents.bench import BenchAgent, chunk_sent_ns
+from magi_gateway.bench._stats import Histogram
+
+RELAY_KEYS = [
+    "chunks_per_s",
+    "chunk_latency_p50_ms",
+    "chunk_latency_p99_ms",
+    "request_latency_p50_ms",
+    "request_latency_p99_ms",
+    "gateway_cpu_us_per_chunk",
+    "worker_cpu_us_per_chunk",
+    "limit_gateway_cpu_us_per_chunk",
+    "cpu_ratio_to_limit",
+    "limit_chunks_per_s",
+]
+IDLE_KEYS = ["rss_kb_per_connection", "handshakes_per_s", "connections"]
+
+
+def _bench(tmp_path: Path, *args: str) -> dict[str, object]:
+    out = tmp_path / "out.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "magi_gateway", "bench", *args, "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    data: dict[str, object] = orjson.loads(out.read_bytes())
+    return data
+
+
+def test_bench_relay_smoke(tmp_path: Path) -> None:
+    data = _bench(tmp_path, "relay", "--clients", "2", "--chunks", "5", "--bytes", "64", "--seconds", "2")
+    for key in RELAY_KEYS:
+        value = data[key]
+        assert isinstance(value, int | float), key
+        assert value > 0, key
+    assert data["errors"] == {}
+    assert data["limit_errors"] == {}
+    assert (data["clients"], data["chunks"], data["bytes"]) == (2, 5, 64)
+    machine = data["machine"]
+    assert isinstance(machine, dict)
+    assert machine["nproc"] >= 1
+    assert machine["cpu_model"]
+    assert machine["python"]
+
+
+def test_bench_idle_smoke(tmp_path: Path) -> None:
+    data = _bench(tmp_path, "idle", "--connections", "50")
+    for key in IDLE_KEYS:
+        value = data[key]
+        assert isinstance(value, int | float), key
+        assert value > 0, key
+    assert data["opened"] == 50
+
+
+def test_bench_chunks_carry_their_send_time() -> None:
+    agent = BenchAgent(chunks=1, chunk_bytes=64)
+    chunk = agent.chunk()
+    assert len(chunk) == 64
+    assert abs(chunk_sent_ns(chunk) - time.time_ns()) < 10**9
+    # Shorter than the stamp: the stamp alone.
+    assert chunk_sent_ns(BenchAgent(chunk_bytes=4).chunk()) > 0
+
+
+def test_histogram_percentiles_and_merge() -> None:
+    first, second = Histogram(), Histogram()
+    for value in range(1, 1001):
+        (first if value % 2 else second).add(float(value))
+    first.merge(Histogram.from_json(orjson.loads(orjson.dumps(second.to_json()))))
+    assert first.count == 1000
+    assert first.max_us == 1000.0
+    assert first.percentile(0.5) == pytest.approx(500, rel=0.01)
+    assert first.percentile(0.99) == pytest.approx(990, rel=0.01)
+    assert first.percentile(1.0) == pytest.approx(1000, rel=0.01)
+    assert Histogram().percentile(0.5) is None
+    empty = Histogram()
+    empty.add(-5.0)
+    assert empty.percentile(0.5) == 0.5
