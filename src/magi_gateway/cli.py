@@ -32,7 +32,12 @@ from .worker import Worker
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(help="Magi Gateway: WebSocket access to AI agents over Redis.", no_args_is_help=True)
+app = typer.Typer(
+    help="Magi Gateway: WebSocket access to AI agents over Redis.",
+    no_args_is_help=True,
+    # Plain help text: "[env HOST]" hints must not be read as rich markup and vanish.
+    rich_markup_mode=None,
+)
 app.add_typer(bench_app, name="bench")
 console = Console()
 
