@@ -219,7 +219,11 @@ async def test_answer_streams_as_thinking_and_the_decision_is_parsed(
     chunks = thinking(record, "melchior")
     assert "".join(chunks) == ANSWER  # every token streamed, in order, none lost
     assert 3 <= len(chunks) < len(ANSWER) // 5  # grouped, not one frame per token
-    assert chunks[0] == "The weapon has never been tested outside a simulation. "
+    # Cut at the sentence end, or earlier when a slow machine lets the 100 ms age limit
+    # pass first (exact boundaries are pinned with a fake clock in test_thought_batcher_rules).
+    first_sentence = "The weapon has never been tested outside a simulation. "
+    assert chunks[0]
+    assert first_sentence.startswith(chunks[0])
     final = record.finals["melchior"]
     assert final["result_code"] == 0
     assert final["data"] == {"judgement": ANSWER_TEXT, "decision": "reject", "model": MODEL}
