@@ -172,27 +172,6 @@ def make_quick(name: str) -> FunctionAgent:
 quick = make_quick("quick")
 
 
-async def settle_background_tasks(handles: list[Any], timeout: float = 5) -> None:
-    """Stop the gateways' background tasks before the fixture stops the servers.
-
-    Works around a shutdown stall (reported as a src bug): on Python 3.11, redis-py's
-    ``asyncio.wait_for`` around socket writes can swallow a cancellation, so
-    ``Gateway.stop`` sometimes waits its full 5 s for the deadline sweep, which then
-    runs on. Cancelling again until the task is done makes teardown quick and clean.
-    """
-    deadline = time.monotonic() + timeout
-    for handle in handles:
-        gateway = handle.gateway
-        if gateway is None:
-            continue
-        while pending := [t for t in gateway._tasks if not t.done()]:
-            if time.monotonic() > deadline:
-                break
-            for task in pending:
-                task.cancel()
-            await asyncio.wait(pending, timeout=0.05)
-
-
 def spawn_quiet_gateway(env: dict[str, str]) -> GatewayHandle:
     """Like ``_support.spawn_gateway``, logging warnings only (its output goes to a pipe)."""
     port = free_port()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -23,7 +23,6 @@ from ._delivery_helpers import (
     eventually,
     logged,
     scan_keys,
-    settle_background_tasks,
 )
 from ._support import (
     APPID,
@@ -38,20 +37,6 @@ from ._support import (
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
 StartWorker = Callable[..., Awaitable[Worker]]
 WEAPON = "Should we deploy the untested weapon?"
-
-
-@pytest.fixture
-async def start_gateway(start_gateway: StartGateway) -> AsyncIterator[StartGateway]:
-    """The conftest fixture, with a quick teardown (see ``settle_background_tasks``)."""
-    handles: list[GatewayHandle] = []
-
-    async def start(settings: Settings) -> GatewayHandle:
-        handle = await start_gateway(settings)
-        handles.append(handle)
-        return handle
-
-    yield start
-    await settle_background_tasks(handles)
 
 
 @pytest.fixture

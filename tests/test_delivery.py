@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -32,7 +32,6 @@ from ._delivery_helpers import (
     read_until_closed,
     record_of,
     scan_keys,
-    settle_background_tasks,
     wait_logged_complete,
 )
 from ._support import (
@@ -51,20 +50,6 @@ from ._support import (
 
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
 StartWorker = Callable[..., Awaitable[Worker]]
-
-
-@pytest.fixture
-async def start_gateway(start_gateway: StartGateway) -> AsyncIterator[StartGateway]:
-    """The conftest fixture, with a quick teardown (see ``settle_background_tasks``)."""
-    handles: list[GatewayHandle] = []
-
-    async def start(settings: Settings) -> GatewayHandle:
-        handle = await start_gateway(settings)
-        handles.append(handle)
-        return handle
-
-    yield start
-    await settle_background_tasks(handles)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +26,7 @@ from websockets.sync.client import connect as sync_connect
 
 from magi_gateway.settings import Settings
 
-from ._delivery_helpers import DEMO, eventually, settle_background_tasks, spawn_quiet_gateway
+from ._delivery_helpers import DEMO, eventually, spawn_quiet_gateway
 from ._support import (
     LEAK_MARKERS,
     SECRET,
@@ -46,20 +46,6 @@ from ._support import (
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
 PING = '{"type":"ping"}'
 PONG = {"type": "pong"}
-
-
-@pytest.fixture
-async def start_gateway(start_gateway: StartGateway) -> AsyncIterator[StartGateway]:
-    """The conftest fixture, with a quick teardown (see ``settle_background_tasks``)."""
-    handles: list[GatewayHandle] = []
-
-    async def start(settings: Settings) -> GatewayHandle:
-        handle = await start_gateway(settings)
-        handles.append(handle)
-        return handle
-
-    yield start
-    await settle_background_tasks(handles)
 
 
 # -- per-connection rate limit --------------------------------------------------------------------
