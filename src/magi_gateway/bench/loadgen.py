@@ -9,7 +9,9 @@ relay
     ``t1_ns``); run each client in a closed loop (send ``agent_judgement``, read
     until ``agent_judgement_complete``, repeat) until ``t1_ns``; write ``result``
     with the chunks and requests received within ``[t0_ns, t1_ns)`` and their
-    latency histograms. The time before ``t0_ns`` is the warm-up.
+    latency histograms. The time before ``t0_ns`` is the warm-up. An error frame
+    (``backend_unavailable``...) is counted, then the client backs off as ``MagiClient``
+    does (0.1 s doubling to 5 s, with jitter) before its next request.
 idle
     write ``ready``; wait for ``go``; open ``clients`` authenticated connections,
     ``concurrency`` at a time, and write ``result``; hold them until ``stop``.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import secrets
 import sys
 import time
@@ -43,6 +46,8 @@ _STREAM = "agent_judgement_stream"
 _COMPLETE = "agent_judgement_complete"
 _POLL_S = 0.01
 _RUN_ID = secrets.token_hex(6)
+_BACKOFF_BASE_S = 0.1
+_BACKOFF_CAP_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,7 @@ async def _relay_client(
     # request_id is an idempotency key: one reused within its retention would get the
     # old session replayed instead of a new one, so every process draws its own prefix.
     prefix = f"{config.name}-{_RUN_ID}-{index}"
-    sent_requests = 0
+    sent_requests = failures = 0
     await asyncio.sleep(config.stagger_s * index / max(config.clients, 1))
     while time.time_ns() < t1_ns:
         sent_requests += 1
@@ -186,9 +191,11 @@ async def _relay_client(
                         if in_window:
                             stats.requests += 1
                             stats.request_latency.add((now_ns - sent_ns) / 1000)
+                        failures = 0
                         break
                     elif "error" in message:
                         stats.errors[f"error frame: {message.get('code')}"] += 1
+                        failures += 1
                         break
                 else:
                     stats.errors["too many frames for one request"] += 1
@@ -199,6 +206,10 @@ async def _relay_client(
         except websockets.ConnectionClosed as exc:
             stats.errors[f"connection closed: {exc.rcvd.code if exc.rcvd else None}"] += 1
             return
+        if failures:
+            # Back off after an error as MagiClient does, rather than hammer a failing gateway.
+            delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**failures)
+            await asyncio.sleep(random.uniform(delay / 2, delay))
 
 
 async def _close_all(connections: list[ClientConnection], concurrency: int) -> None:
