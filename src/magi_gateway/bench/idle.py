@@ -136,7 +136,9 @@ def run_idle(
         if errors:
             h.keep = True
         settle_until = time.monotonic() + _SETTLE_S
-        _sample_while(lambda: time.monotonic() > settle_until, gateway, samples, start, timeout_s=10, what="")
+        _sample_while(
+            lambda: time.monotonic() > settle_until, gateway, samples, start, timeout_s=10, what="settling"
+        )
         rss_after = rss_kb(gateway.pid)
         signal_all(configs, "stop", {})
         closed = wait_files(
@@ -146,7 +148,9 @@ def run_idle(
         for loadgen in loadgens:
             h.children.stop(loadgen)
         settle_until = time.monotonic() + _SETTLE_S
-        _sample_while(lambda: time.monotonic() > settle_until, gateway, samples, start, timeout_s=10, what="")
+        _sample_while(
+            lambda: time.monotonic() > settle_until, gateway, samples, start, timeout_s=10, what="settling"
+        )
         rss_after_close = rss_kb(gateway.pid)
     wall_s = (last_ns - first_ns) / 1e9
     wall_ms = wall_s * 1000

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import secrets
 import signal
 
@@ -24,6 +23,9 @@ import orjson
 import websockets
 from redis.asyncio import Redis
 from websockets.asyncio.server import ServerConnection
+
+# Not ``websockets.ConnectionClosed``: that name is resolved lazily on every access.
+from websockets.exceptions import ConnectionClosed
 
 from .._types import AgentId, AppId, InstanceId
 from ..keys import Keys
@@ -60,8 +62,10 @@ class LimitRelay:
                 continue
             if frame.startswith(_COMPLETE_PREFIX):
                 del self.sockets[session_id]
-            with contextlib.suppress(websockets.ConnectionClosed):
+            try:
                 await ws.send(frame.decode())
+            except ConnectionClosed:
+                continue
 
     async def handle(self, ws: ServerConnection) -> None:
         """Greet the client, then start a session for each ``agent_judgement``."""
