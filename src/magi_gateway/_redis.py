@@ -29,6 +29,11 @@ class Backoff:
         self._policy = ExponentialWithJitterBackoff(cap=cap_s, base=base_s)
         self.failures = 0
 
+    @classmethod
+    def for_settings(cls, settings: Settings) -> Backoff:
+        """The backoff configured by ``REDIS_BACKOFF_BASE_S`` and ``REDIS_BACKOFF_CAP_S``."""
+        return cls(settings.redis_backoff_base_s, settings.redis_backoff_cap_s)
+
     def next_delay(self) -> float:
         """Delay before the next attempt; each call counts one more failure."""
         self.failures += 1

@@ -132,7 +132,7 @@ class Gateway:
         return task
 
     def _backoff(self) -> Backoff:
-        return Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        return Backoff.for_settings(self.settings)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -298,27 +298,19 @@ class Gateway:
         info = await self._session_info(connection, session_id, wait=False)
         if info.completed:
             raise GatewayError("Session already complete", code="session_completed", session_id=session_id)
-        for agent_id in info.agent_ids:
-            if agent_id in info.pending:
-                await self.store.append_final(
-                    session_id, agent_id, ResultCode.CANCELLED, {"error": "Cancelled by the client"}
-                )
+        await self.store.finish_pending(info, ResultCode.CANCELLED, {"error": "Cancelled by the client"})
         await self.store.announce_cancel(session_id)
 
     async def _sweep_deadlines(self) -> None:
         """Give agents still pending at their session's deadline a timeout final."""
-        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        backoff = self._backoff()
         error = f"Agent did not answer within {self.settings.judgement_timeout_s:g}s"
         while True:
             try:
                 for session_id in await self.store.due_sessions(now_ms()):
                     info = await self.store.session_info(session_id)
                     if info is not None and not info.completed:
-                        for agent_id in info.agent_ids:
-                            if agent_id in info.pending:
-                                await self.store.append_final(
-                                    session_id, agent_id, ResultCode.TIMEOUT, {"error": error}
-                                )
+                        await self.store.finish_pending(info, ResultCode.TIMEOUT, {"error": error})
                     # Removed only once handled: an instance dying mid-sweep leaves it to others.
                     await self.store.clear_deadline(session_id)
                 backoff.reset()
@@ -330,7 +322,7 @@ class Gateway:
 
     async def _listen(self) -> None:
         """Receive this instance's notifications, reconnecting with backoff."""
-        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        backoff = self._backoff()
         channel = self.keys.gateway_channel(self.instance_id)
         while True:
             pubsub: PubSub | None = None

@@ -328,6 +328,12 @@ class Store:
             await self.clear_deadline(session_id)
         return AppendResult(reply[0], completed=done[0] > 0)
 
+    async def finish_pending(self, info: SessionInfo, result_code: ResultCode, data: dict[str, Any]) -> None:
+        """Give every agent still pending in ``info`` a final (in request order)."""
+        for agent_id in info.agent_ids:
+            if agent_id in info.pending:
+                await self.append_final(info.session_id, agent_id, result_code, data)
+
     async def due_sessions(self, now: int, limit: int = 100) -> list[SessionId]:
         """Sessions whose deadline has passed and that are not yet cleared."""
         with redis_errors():

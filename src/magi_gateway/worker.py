@@ -136,7 +136,7 @@ class Worker:
         return 0 if self._stopping.is_set() else self.concurrency - len(self._jobs)
 
     async def _read_loop(self) -> None:
-        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        backoff = Backoff.for_settings(self.settings)
         groups_ready = False
         while (free := await self._free_slots()) > 0:
             try:
@@ -248,7 +248,7 @@ class Worker:
                 await self.redis.xclaim(stream, WORKER_GROUP, self.worker_id, 0, ids, justid=True)
 
     async def _listen_for_cancels(self) -> None:
-        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        backoff = Backoff.for_settings(self.settings)
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
@@ -275,7 +275,7 @@ class Worker:
             data: dict[str, Any] = {"thinking": text}
             if attempt > 1:
                 data["attempt"] = attempt
-            backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+            backoff = Backoff.for_settings(self.settings)
             while True:
                 try:
                     result = await self.store.append_stream(request.session_id, request.agent_id, data)
@@ -340,7 +340,7 @@ class Worker:
         await self._ack(request)
 
     async def _write_final(self, request: Request, code: ResultCode, data: dict[str, Any]) -> None:
-        backoff = Backoff(self.settings.redis_backoff_base_s, self.settings.redis_backoff_cap_s)
+        backoff = Backoff.for_settings(self.settings)
         for _attempt in range(_FINAL_RETRY_LIMIT):
             try:
                 await self.store.append_final(request.session_id, request.agent_id, code, data)
