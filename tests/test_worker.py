@@ -18,7 +18,9 @@ from redis.asyncio import Redis
 
 from magi_gateway import Agent, Context, Judgement, JudgementClosed, agent
 from magi_gateway.agents import BenchAgent, DemoAgent
+from magi_gateway.appender import ChunkAppender
 from magi_gateway.cli import load_agents
+from magi_gateway.errors import BackendUnavailable
 from magi_gateway.keys import WORKER_GROUP, Keys
 from magi_gateway.sdk import FunctionAgent
 from magi_gateway.session import new_session_id
@@ -244,6 +246,44 @@ async def test_concurrency_limit_is_respected(settings: Settings, store: Store) 
     assert peak == 2
     for session_id in sessions:
         assert (await session_log(store, session_id))[-1]["type"] == "agent_judgement_complete"
+
+
+async def test_concurrent_chunks_share_round_trips_and_keep_their_order(
+    settings: Settings, store: Store
+) -> None:
+    @agent("chatty")
+    async def chatty(user_input: str, ctx: Context) -> Judgement:
+        for i in range(20):
+            await ctx.think(f"{user_input}-{i}")
+        return Judgement("done", decision="approve")
+
+    sessions = await queue_sessions(store, "chatty", [f"s{i}" for i in range(8)])
+    worker = Worker([chatty], settings, burst=True, concurrency=8)
+    await run_burst(worker)
+    for index, session_id in enumerate(sessions):
+        logged = await session_log(store, session_id)
+        thoughts = [m["data"]["thinking"] for m in logged if m["type"] == "agent_judgement_stream"]
+        assert thoughts == [f"s{index}-{i}" for i in range(20)]
+        assert [m["seq"] for m in logged] == list(range(1, len(logged) + 1))
+    # Eight agents streaming at once: chunks went several per round trip.
+    assert worker.appender.chunks == 160
+    assert worker.appender.round_trips < 160 / 2
+
+
+async def test_chunk_appender_reports_refused_and_failed_appends(settings: Settings, store: Store) -> None:
+    (session_id,) = await queue_sessions(store, "solo", ["x"])
+    appender = ChunkAppender(store)
+    first, unknown = await asyncio.gather(
+        appender.append(session_id, "solo", {"thinking": "a"}),
+        appender.append(new_session_id(), "solo", {"thinking": "b"}),
+    )
+    assert first.seq == 2
+    assert unknown.seq is None  # a session that does not exist refuses the chunk
+    broken = ChunkAppender(Store(Redis.from_url("redis://127.0.0.1:1"), store.keys))
+    with pytest.raises(BackendUnavailable):
+        await broken.append(session_id, "solo", {"thinking": "c"})
+    await broken.store.redis.aclose()
+    await appender.aclose()
 
 
 async def test_two_workers_share_an_agents_requests(settings: Settings, store: Store) -> None:

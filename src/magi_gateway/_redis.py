@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -57,8 +57,12 @@ def connect(
         ExponentialWithJitterBackoff(cap=settings.redis_backoff_cap_s, base=settings.redis_backoff_base_s),
         retries=retries,
     )
-    return Redis.from_url(
+    # A blocking pool: redis-py's default pool raises as soon as its cap is reached,
+    # which under a burst of sessions turned into backend_unavailable errors.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_dsn,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_s,
         decode_responses=False,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -67,6 +71,7 @@ def connect(
         socket_keepalive=True,
         client_name=client_name,
     )
+    return Redis.from_pool(pool)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -72,6 +72,7 @@ def _uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, l
         port=port,
         log_level=level,
         lifespan="on",
+        ws=settings.ws_impl,
         # Frames up to 4x the protocol limit reach the gateway and get a clear error;
         # only larger ones are cut by the transport (close 1009).
         ws_max_size=4 * settings.max_frame_bytes,
@@ -203,7 +204,17 @@ def agent(
     )
     worker = Worker(agents, Settings(), concurrency=concurrency, burst=burst)
     console.print(f"worker {worker.worker_id} serving {', '.join(worker.agents)}", style="dim")
-    asyncio.run(_run_worker(worker))
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(_run_worker(worker))
+
+
+def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (it comes with uvicorn[standard]), as uvicorn picks for the gateway."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a platform without uvloop wheels
+        return None
+    return uvloop.new_event_loop
 
 
 @app.command()

@@ -8,7 +8,7 @@ REDIS_PASSWORD FIXED_SECRET CORS_ORIGINS``) keep working; ``REDIS_URL`` wins ove
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from pydantic import Field, field_validator
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     debug: bool = False
     host: str = "0.0.0.0"  # noqa: S104 - a server; `magi-gateway up` binds 127.0.0.1
     port: int = Field(8000, ge=0, le=65535)
+    #: uvicorn's WebSocket implementation (compared in BENCHMARKS.md).
+    ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = "auto"
 
     redis_host: str = "localhost"
     redis_port: int = Field(6379, ge=1, le=65535)
@@ -73,6 +75,10 @@ class Settings(BaseSettings):
 
     redis_backoff_base_s: float = Field(0.05, gt=0)
     redis_backoff_cap_s: float = Field(5.0, gt=0)
+    #: Connections one process keeps to Redis; past that, commands wait for a free one.
+    redis_max_connections: int = Field(256, ge=4)
+    #: How long a command waits for a free pooled connection before failing.
+    redis_pool_timeout_s: float = Field(5.0, gt=0)
 
     @field_validator("redis_password", "redis_url", "fixed_secret", mode="before")
     @classmethod

@@ -18,10 +18,12 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from . import protocol
 from ._redis import redis_errors
 from ._types import AgentId, AppId, InstanceId, SessionId
+from .errors import BackendUnavailable
 from .keys import Keys
 from .session import ResultCode, compute_verdict, normalize_decision
 
@@ -263,17 +265,21 @@ class Store:
         with redis_errors():
             reply: list[Any] = await self._append(
                 keys=keys.all(),
-                args=[
-                    mode,
-                    message_type,
-                    session_id,
-                    tail,
-                    agent_id,
-                    result,
-                    self.keys.gateway_channel_prefix,
-                ],
+                args=self._append_args(session_id, mode, message_type, tail, agent_id, result),
             )
         return reply
+
+    def _append_args(
+        self,
+        session_id: SessionId,
+        mode: str,
+        message_type: str,
+        tail: bytes,
+        agent_id: str,
+        result: bytes = b"",
+    ) -> list[Any]:
+        """ARGV of ``_APPEND_LUA``, in its order."""
+        return [mode, message_type, session_id, tail, agent_id, result, self.keys.gateway_channel_prefix]
 
     async def append_stream(
         self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]
@@ -287,6 +293,36 @@ class Store:
             agent_id,
         )
         return AppendResult(reply[0] if reply[0] > 0 else None)
+
+    async def append_streams(
+        self, chunks: Sequence[tuple[SessionId, AgentId, dict[str, Any]]]
+    ) -> list[AppendResult]:
+        """Append several thinking chunks (of any sessions) in one round trip, in order."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for session_id, agent_id, data in chunks:
+                    await self._append(
+                        keys=self.keys.session(session_id).all(),
+                        args=self._append_args(
+                            session_id,
+                            "stream",
+                            "agent_judgement_stream",
+                            protocol.stream_tail(agent_id, data),
+                            agent_id,
+                        ),
+                        client=pipe,
+                    )
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+        results: list[AppendResult] = []
+        for (session_id, agent_id, data), reply in zip(chunks, replies, strict=True):
+            if isinstance(reply, NoScriptError):
+                # A cluster pipeline does not preload scripts; the single path does.
+                results.append(await self.append_stream(session_id, agent_id, data))
+            elif isinstance(reply, Exception):
+                raise BackendUnavailable("Backend temporarily unavailable") from reply
+            else:
+                results.append(AppendResult(reply[0] if reply[0] > 0 else None))
+        return results
 
     async def append_final(
         self,

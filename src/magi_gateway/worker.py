@@ -32,6 +32,7 @@ from redis.exceptions import ResponseError
 from ._redis import Backoff, connect, redis_errors
 from ._tasks import cancel_and_wait
 from ._types import AgentId, SessionId
+from .appender import ChunkAppender
 from .errors import AgentError, BackendUnavailable
 from .keys import WORKER_GROUP, Keys
 from .sdk import Agent, Context, Judgement, JudgementClosed
@@ -82,6 +83,7 @@ class Worker:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.redis = redis if redis is not None else connect(self.settings, client_name="magi-worker")
         self.store = Store(self.redis, self.keys)
+        self.appender = ChunkAppender(self.store)
         self.claim_idle_ms = int(self.settings.worker_claim_idle_s * 1000)
         self._jobs: dict[bytes, _Job] = {}
         self._slot_freed = asyncio.Event()
@@ -100,6 +102,7 @@ class Worker:
         finally:
             await self._drain()
             await cancel_and_wait(helpers)
+            await self.appender.aclose()
             try:
                 await self.store.retire_worker(self.worker_id, list(self.agents))
             except BackendUnavailable:
@@ -278,7 +281,7 @@ class Worker:
             backoff = Backoff.for_settings(self.settings)
             while True:
                 try:
-                    result = await self.store.append_stream(request.session_id, request.agent_id, data)
+                    result = await self.appender.append(request.session_id, request.agent_id, data)
                     return result.seq is not None
                 except BackendUnavailable:
                     # Ride out a Redis outage; the agent's deadline still bounds the wait.
