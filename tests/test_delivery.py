@@ -374,7 +374,8 @@ async def test_every_key_expires_and_sessions_are_kept_for_the_retention(
     await asyncio.wait_for(doomed.stopped.wait(), 5)
 
     prefix = fast.redis_key_prefix
-    keys = await scan_keys(redis_client, f"{prefix}*")
+    # Session and idempotency keys start with the prefix, the shared ones with {prefix}.
+    keys = await scan_keys(redis_client, f"{prefix}*") + await scan_keys(redis_client, f"{{{prefix}}}*")
     ttls = {key.decode(): await redis_client.pttl(key) for key in keys}
     ttls = {key: ttl for key, ttl in ttls.items() if ttl != -2}  # -2: expired meanwhile
     forever = sorted(key for key, ttl in ttls.items() if ttl < 0)
@@ -385,9 +386,9 @@ async def test_every_key_expires_and_sessions_are_kept_for_the_retention(
         assert f"{prefix}:s:{{{session_id}}}:log" in ttls
         assert f"{prefix}:s:{{{session_id}}}:meta" in ttls
     assert f"{prefix}:idem:test-app:keyed-request" in ttls
-    assert f"{prefix}:a:quick:requests" in ttls
-    assert f"{prefix}:a:quick:workers" in ttls
-    assert f"{prefix}:agents" in ttls
+    assert f"{{{prefix}}}:a:quick:requests" in ttls
+    assert f"{{{prefix}}}:a:quick:workers" in ttls
+    assert f"{{{prefix}}}:agents" in ttls
     # Completed sessions are kept for the retention, not longer.
     retention_ms = fast.session_retention_s * 1000
     session_ttls = {k: t for k, t in ttls.items() if k.startswith(f"{prefix}:s:")}

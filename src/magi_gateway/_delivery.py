@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -26,20 +27,23 @@ __all__ = ["Delivery", "LocalSession"]
 
 logger = logging.getLogger(__name__)
 
-_COMPLETE_PREFIX = b'{"type":"agent_judgement_complete"'
-
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
 
 class LocalSession:
     """A session delivered to one of this instance's connections."""
 
-    __slots__ = ("connection", "cursor", "id", "missed", "replaying")
+    __slots__ = ("chunk_seen", "connection", "cursor", "id", "missed", "replaying", "started")
 
-    def __init__(self, session_id: SessionId, connection: Connection, last_seq: int) -> None:
+    def __init__(
+        self, session_id: SessionId, connection: Connection, last_seq: int, started: float | None = None
+    ) -> None:
         self.id = session_id
         self.connection = connection
         self.cursor = DeliveryCursor(last_seq)
+        #: ``time.monotonic()`` of the ``agent_judgement`` when it was opened here (for metrics).
+        self.started = started
+        self.chunk_seen = False
         #: A replay task owns delivery until it has caught up with the log.
         self.replaying = False
         #: A notification arrived during the replay: read the log once more.
@@ -54,21 +58,26 @@ class Delivery:
         self._spawn = spawn
         self._backoff = backoff
         self.sessions: dict[SessionId, LocalSession] = {}
+        self._delivering = metrics.SESSIONS.labels("delivering")
 
-    def track(self, session_id: SessionId, connection: Connection, last_seq: int) -> LocalSession:
+    def track(
+        self, session_id: SessionId, connection: Connection, last_seq: int, started: float | None = None
+    ) -> LocalSession:
         """Deliver ``session_id`` to ``connection`` from ``last_seq`` on (moving it if needed)."""
         previous = self.sessions.get(session_id)
         if previous is not None and previous.connection is not connection:
             previous.connection.sessions.discard(session_id)
-        session = LocalSession(session_id, connection, last_seq)
+        session = LocalSession(session_id, connection, last_seq, started)
         self.sessions[session_id] = session
         connection.sessions.add(session_id)
+        self._delivering.set(len(self.sessions))
         return session
 
     def untrack(self, session: LocalSession) -> None:
         """Stop delivering ``session`` here."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            self._delivering.set(len(self.sessions))
         session.connection.sessions.discard(session.id)
 
     def forget_connection(self, connection: Connection) -> None:
@@ -83,8 +92,15 @@ class Delivery:
         """Hand one frame to the session's connection."""
         session.cursor.sent(seq)
         session.connection.push(frame)
-        metrics.MESSAGES_OUT.inc()
-        if frame.startswith(_COMPLETE_PREFIX):
+        kind = metrics.message_type(frame)
+        if session.started is not None:
+            if kind == b"agent_judgement_stream" and not session.chunk_seen:
+                session.chunk_seen = True
+                metrics.TIME_TO_FIRST_CHUNK.observe(time.monotonic() - session.started)
+            elif kind == b"agent_judgement_final":
+                metrics.TIME_TO_FINAL.observe(time.monotonic() - session.started)
+        if kind == b"agent_judgement_complete":
+            metrics.SESSIONS_COMPLETED.inc()
             self.untrack(session)
 
     def deliver(self, session_id: SessionId, seq: int, frame: bytes) -> None:

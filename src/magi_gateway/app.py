@@ -89,6 +89,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     async def metrics_endpoint(request: Request) -> Response:
+        await gateway.refresh_metrics()
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     async def console(request: Request) -> Response:

@@ -26,6 +26,8 @@ from .bench.commands import app as bench_app
 from .client import MagiClient
 from .embedded import RedisServer, free_port
 from .gateway import Gateway
+from .legacy import LegacyBridge
+from .logs import configure_logging
 from .sdk import Agent
 from .settings import Settings
 from .worker import Worker
@@ -73,6 +75,8 @@ def _uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, l
         log_level=level,
         lifespan="on",
         ws=settings.ws_impl,
+        # JSON logs: uvicorn's loggers propagate to the root handler instead of their own.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         # Frames up to 4x the protocol limit reach the gateway and get a clear error;
         # only larger ones are cut by the transport (close 1009).
         ws_max_size=4 * settings.max_frame_bytes,
@@ -113,7 +117,7 @@ def serve(
 ) -> None:
     """Run the gateway only (Redis and workers run elsewhere)."""
     settings = Settings()
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level, settings.log_format)
     from .app import create_app
 
     app = create_app(settings)
@@ -188,7 +192,8 @@ def agent(
     delay: Annotated[float, typer.Option(help="bench: seconds between chunks")] = 0.0,
 ) -> None:
     """Run a worker serving the named agents."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    configure_logging("info", settings.log_format)
     if not names and config is None:
         raise typer.BadParameter(f"name the agents to serve ({_AGENT_HELP}) or give --config FILE")
     agents = load_agents(
@@ -202,7 +207,7 @@ def agent(
         model=model,
         base_url=base_url,
     )
-    worker = Worker(agents, Settings(), concurrency=concurrency, burst=burst)
+    worker = Worker(agents, settings, concurrency=concurrency, burst=burst)
     console.print(f"worker {worker.worker_id} serving {', '.join(worker.agents)}", style="dim")
     with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
         runner.run(_run_worker(worker))
@@ -215,6 +220,34 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:  # pragma: no cover - a platform without uvloop wheels
         return None
     return uvloop.new_event_loop
+
+
+async def _run_bridge(bridge: LegacyBridge) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, bridge.stop)
+    await bridge.run()
+
+
+@app.command("legacy-bridge")
+def legacy_bridge(
+    agents: Annotated[
+        str | None, typer.Option(help="Comma-separated legacy agent ids [env LEGACY_AGENTS]")
+    ] = None,
+    burst: Annotated[bool, typer.Option(help="Exit once no request or response is waiting")] = False,
+) -> None:
+    """Serve agents whose backends speak the original system's Redis lists."""
+    settings = Settings()
+    configure_logging("info", settings.log_format)
+    names = [a.strip() for a in agents.split(",") if a.strip()] if agents else settings.legacy_agent_list
+    if not names:
+        raise typer.BadParameter("name the legacy agents: --agents a,b or LEGACY_AGENTS")
+    bridge = LegacyBridge(names, settings, burst=burst)
+    console.print(
+        f"legacy bridge {bridge.worker.worker_id} serving {', '.join(sorted(bridge.agent_ids))}", style="dim"
+    )
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(_run_bridge(bridge))
 
 
 @app.command()

@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from . import metrics
 from ._types import AppId, ConnectionId, SessionId
 from .errors import CLOSE_TRY_AGAIN_LATER
 from .ratelimit import TokenBucket
@@ -64,6 +65,7 @@ class Connection:
             return False
         self._frames.append(frame)
         self._wakeup.set()
+        metrics.count_out(frame)
         return True
 
     def request_close(self, code: int, reason: str, *, flush: bool = False) -> None:

@@ -14,6 +14,7 @@ from .auth import FailureThrottle, TokenVerifier
 from .connection import Connection
 from .errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
 from .gateway import Gateway
+from .logs import connection_id_var
 
 __all__ = ["WebSocketEndpoint"]
 
@@ -52,11 +53,11 @@ class WebSocketEndpoint:
         now = time.time()
         await websocket.accept()
         if self.throttle.is_blocked(peer, now):
-            await self._reject(websocket, _AUTH_THROTTLED)
+            await self._reject(websocket, _AUTH_THROTTLED, "throttled")
             return
         if not self.verifier.verify(appid, token, now):
             self.throttle.record_failure(peer, now)
-            await self._reject(websocket, _AUTH_FAILED)
+            await self._reject(websocket, _AUTH_FAILED, "bad_token")
             return
         if not self.gateway.accepting:
             await websocket.close(code=CLOSE_SERVICE_RESTART, reason="Service restart")
@@ -66,6 +67,7 @@ class WebSocketEndpoint:
             await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Too many connections")
             return
         connection = self.gateway.connect(AppId(appid), peer)
+        connection_id_var.set(connection.id)  # for the logs of this task and those it starts
 
         async def send_text(text: str) -> None:
             await websocket.send_text(text)
@@ -95,8 +97,8 @@ class WebSocketEndpoint:
             # but the frame's work (e.g. queueing a judgement's requests) completes.
             await asyncio.shield(self.gateway.submit_frame(connection, frame))
 
-    async def _reject(self, websocket: WebSocket, frame: bytes) -> None:
-        metrics.AUTH_FAILURES.inc()
+    async def _reject(self, websocket: WebSocket, frame: bytes, reason: str) -> None:
+        metrics.AUTH_FAILURES.labels(reason).inc()
         try:
             await websocket.send_text(frame.decode())
             await websocket.close(code=CLOSE_AUTH_FAILED, reason="Authentication failed")

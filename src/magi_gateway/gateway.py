@@ -41,6 +41,7 @@ from .errors import (
     internal_error_frame,
 )
 from .keys import Keys
+from .logs import session_id_var
 from .ratelimit import TokenBucket
 from .session import ResultCode, new_session_id
 from .settings import Settings
@@ -181,10 +182,15 @@ class Gateway:
 
     async def handle_frame(self, connection: Connection, frame: str | bytes) -> None:
         """Act on one client frame; every failure becomes an error frame, never a raise."""
+        metrics.BYTES_IN.inc(len(frame))
+        kind = "invalid"
         try:
             if connection.rate_limit is not None and not connection.rate_limit.allow(time.monotonic()):
+                kind = "rate_limited"
                 raise RateLimited("Too many messages; slow down")
             message = protocol.parse_client_frame(frame, self.limits)
+            kind = message.type
+            session_id_var.set(getattr(message, "session_id", None))  # this frame's task only
             await self._dispatch(connection, message)
         except GatewayError as exc:
             metrics.CLIENT_ERRORS.labels(exc.code).inc()
@@ -193,6 +199,8 @@ class Gateway:
             logger.exception("unexpected error handling a frame on %s", connection.id)
             metrics.CLIENT_ERRORS.labels("internal_error").inc()
             connection.push(protocol.encode(internal_error_frame()))
+        finally:
+            metrics.MESSAGES_IN.labels(kind).inc()
 
     async def _dispatch(self, connection: Connection, message: protocol.ClientMessage) -> None:
         if isinstance(message, protocol.Ping):
@@ -212,7 +220,7 @@ class Gateway:
         else:
             try:
                 if isinstance(message, protocol.Resume):
-                    await self.attach(connection, message.session_id, message.last_seq)
+                    await self._resume(connection, message)
                 else:
                     await self.cancel(connection, message.session_id)
             except GatewayError as exc:
@@ -221,11 +229,23 @@ class Gateway:
                     exc.session_id = message.session_id
                 raise
 
+    async def _resume(self, connection: Connection, message: protocol.Resume) -> None:
+        try:
+            await self.attach(connection, message.session_id, message.last_seq)
+        except SessionNotFound:
+            metrics.RESUMES.labels("not_found").inc()
+            raise
+        except BaseException:
+            metrics.RESUMES.labels("error").inc()
+            raise
+        metrics.RESUMES.labels("ok").inc()
+
     # -- sessions ----------------------------------------------------------------
 
     async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
         """Start a session: log it, answer missing agents at once, queue the others."""
         session_id = new_session_id()
+        session_id_var.set(session_id)
         appid = connection.appid
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         if request.request_id is not None:
@@ -241,7 +261,7 @@ class Gateway:
                 except SessionNotFound:
                     await self.store.rebind_request_id(appid, request.request_id, session_id, existing)
         deadline_ms = now_ms() + timeout_ms
-        session = self.delivery.track(session_id, connection, 0)
+        session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
         try:
             live = await self.store.live_worker_counts(request.agent_ids)
             await self.store.create_session(
@@ -360,7 +380,23 @@ class Gateway:
             return
         self.delivery.deliver(SessionId(session_part.decode()), int(seq_part), frame)
 
-    # -- readiness ---------------------------------------------------------------
+    # -- readiness and metrics -----------------------------------------------------
+
+    async def refresh_metrics(self) -> None:
+        """Set the gauges that describe Redis (all instances), for a ``/metrics`` scrape."""
+        try:
+            running = await self.store.running_sessions()
+            stats = await self.store.agent_stats()
+        except BackendUnavailable:
+            metrics.REDIS_ERRORS.inc()
+            return  # the scrape shows the last known values; /readyz says why
+        metrics.SESSIONS.labels("running").set(running)
+        for gauge in (metrics.AGENT_QUEUE_LAG, metrics.AGENT_PENDING, metrics.AGENT_WORKERS):
+            gauge.clear()
+        for agent_id, stat in stats.items():
+            metrics.AGENT_QUEUE_LAG.labels(agent_id).set(stat.lag)
+            metrics.AGENT_PENDING.labels(agent_id).set(stat.pending)
+            metrics.AGENT_WORKERS.labels(agent_id).set(stat.workers)
 
     async def live_agents(self) -> dict[AgentId, int]:
         """Agents with live workers (for ``get_agents`` and the console)."""

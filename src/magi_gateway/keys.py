@@ -8,16 +8,32 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     P:s:{SID}:pending    set      agents that still owe a final
     P:s:{SID}:results    hash     agent -> {"result_code", "decision"} (for the verdict)
     P:idem:APPID:RID     string   request_id -> session id (idempotency)
-    P:a:AGENT:requests   stream   requests for one agent, consumer group ``workers``
-    P:a:AGENT:workers    zset     live worker ids, score = heartbeat expiry (ms)
-    P:agents             zset     agents with a live worker, score = expiry (ms)
-    P:deadlines          zset     session id -> deadline (ms), swept by every gateway
+    {P}:a:AGENT:requests stream   requests for one agent, consumer group ``workers``
+    {P}:a:AGENT:workers  zset     live worker ids, score = heartbeat expiry (ms)
+    {P}:agents           zset     agents with a live worker, score = expiry (ms)
+    {P}:deadlines        zset     session id -> deadline (ms), swept by every gateway
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
     P:cancel             channel  session ids whose agents workers must stop
 
+The original system's lists, used by ``LegacyBridge`` (``L`` is ``LEGACY_LIST_PREFIX``,
+empty by default: the original backends know these names as they are, unprefixed)::
+
+    Lqueue_agent_judgement                         list  requests for legacy backends
+    Lqueue_agent_judgement_stream                  list  their thinking chunks
+    Lqueue_agent_judgement_final                   list  their finals
+    Lqueue_agent_judgement:bridge:processing       list  responses taken, not yet logged
+    Lqueue_agent_judgement:bridge:lease            string  the bridge relaying responses
+
 Session keys carry the ``{SID}`` hash tag so one session lives on one Redis Cluster
-shard and the Lua scripts touching them stay single-slot. Everything written has an
-expiry (session keys, idempotency keys, registries) or a trim (request streams).
+shard and the Lua scripts touching them stay single-slot; sessions, and with them the
+per-chunk traffic, spread over the shards. The per-deployment keys (request streams,
+registries, deadlines) share the ``{P}`` hash tag: a worker reads the streams of all
+its agents in one ``XREADGROUP``, which a cluster allows only within one slot. They
+carry one command per request or heartbeat, not per chunk. Everything written has an
+expiry (session keys, idempotency keys, registries) or a trim (request streams). The
+legacy lists are one set per Redis, shared by every deployment on it (give each its own
+``L``); their names carry no hash tag, so the bridge needs a non-cluster Redis, as the
+original system did (its gateway popped two of them in one ``BLPOP``).
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ from dataclasses import dataclass
 
 from ._types import AgentId, AppId, InstanceId, SessionId
 
-__all__ = ["WORKER_GROUP", "Keys", "SessionKeys"]
+__all__ = ["WORKER_GROUP", "Keys", "LegacyKeys", "SessionKeys"]
 
 #: Consumer group every worker of an agent joins.
 WORKER_GROUP = "workers"
@@ -45,6 +61,17 @@ class SessionKeys:
     def all(self) -> list[str]:
         """All keys, in the order the Lua scripts expect them."""
         return [self.log, self.seq, self.meta, self.pending, self.results]
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyKeys:
+    """The original system's list names, and the state of the bridge that drains them."""
+
+    requests: str
+    stream_responses: str
+    final_responses: str
+    processing: str
+    lease: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,21 +97,21 @@ class Keys:
 
     def requests(self, agent_id: AgentId) -> str:
         """Request stream of one agent."""
-        return f"{self.prefix}:a:{agent_id}:requests"
+        return f"{{{self.prefix}}}:a:{agent_id}:requests"
 
     def workers(self, agent_id: AgentId) -> str:
         """Live workers of one agent."""
-        return f"{self.prefix}:a:{agent_id}:workers"
+        return f"{{{self.prefix}}}:a:{agent_id}:workers"
 
     @property
     def agents(self) -> str:
         """Agents with at least one live worker."""
-        return f"{self.prefix}:agents"
+        return f"{{{self.prefix}}}:agents"
 
     @property
     def deadlines(self) -> str:
         """Deadlines of running sessions, for the timeout sweep."""
-        return f"{self.prefix}:deadlines"
+        return f"{{{self.prefix}}}:deadlines"
 
     @property
     def cancel_channel(self) -> str:
@@ -99,3 +126,18 @@ class Keys:
     def gateway_channel(self, instance_id: InstanceId) -> str:
         """Notification channel of one gateway instance."""
         return f"{self.gateway_channel_prefix}{instance_id}"
+
+    @staticmethod
+    def legacy(list_prefix: str = "") -> LegacyKeys:
+        """The original lists, ``list_prefix`` prepended (empty: exactly the original names).
+
+        Not under ``prefix``: the legacy backends use these names as they are.
+        """
+        requests = f"{list_prefix}queue_agent_judgement"
+        return LegacyKeys(
+            requests=requests,
+            stream_responses=f"{requests}_stream",
+            final_responses=f"{requests}_final",
+            processing=f"{requests}:bridge:processing",
+            lease=f"{requests}:bridge:lease",
+        )

@@ -1,21 +1,99 @@
-"""Prometheus metrics of the gateway process (module-level, one registry per process)."""
+"""Prometheus metrics of the gateway process (module-level, one registry per process).
+
+Counters and histograms are updated where things happen. The gauges that describe
+Redis (sessions running across all instances, each agent's queue) are refreshed from
+Redis by ``Gateway.refresh_metrics`` when ``/metrics`` is scraped.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "AGENT_PENDING",
+    "AGENT_QUEUE_LAG",
+    "AGENT_WORKERS",
     "AUTH_FAILURES",
+    "BYTES_IN",
+    "BYTES_OUT",
     "CLIENT_ERRORS",
     "CONNECTIONS",
+    "MESSAGES_IN",
     "MESSAGES_OUT",
+    "REDIS_ERRORS",
     "REDIS_RECONNECTS",
+    "RESUMES",
+    "SESSIONS",
+    "SESSIONS_COMPLETED",
     "SESSIONS_STARTED",
+    "TIME_TO_FINAL",
+    "TIME_TO_FIRST_CHUNK",
+    "count_out",
+    "message_type",
 ]
 
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
 CONNECTIONS = Gauge("magi_connections", "Open authenticated WebSocket connections")
-SESSIONS_STARTED = Counter("magi_sessions_started", "Judgement sessions started")
-MESSAGES_OUT = Counter("magi_messages_out", "Session messages queued to clients")
-AUTH_FAILURES = Counter("magi_auth_failures", "Rejected WebSocket authentications")
+SESSIONS = Gauge(
+    "magi_sessions",
+    "Sessions by state: running (all instances, from Redis), delivering (attached here)",
+    ["state"],
+)
+SESSIONS_STARTED = Counter("magi_sessions_started", "Judgement sessions started on this instance")
+SESSIONS_COMPLETED = Counter(
+    "magi_sessions_completed", "agent_judgement_complete messages delivered to this instance's clients"
+)
+MESSAGES_IN = Counter("magi_messages_in", "Client frames received, by type", ["type"])
+MESSAGES_OUT = Counter("magi_messages_out", "Messages queued to clients, by type", ["type"])
+BYTES_IN = Counter("magi_bytes_in", "Bytes of client frames received")
+BYTES_OUT = Counter("magi_bytes_out", "Bytes of messages queued to clients")
+TIME_TO_FIRST_CHUNK = Histogram(
+    "magi_time_to_first_chunk_seconds",
+    "From agent_judgement to the session's first agent_judgement_stream (sessions started here)",
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FINAL = Histogram(
+    "magi_time_to_final_seconds",
+    "From agent_judgement to each agent_judgement_final (sessions started here)",
+    buckets=_LATENCY_BUCKETS,
+)
+RESUMES = Counter("magi_resumes", "Resume requests, by outcome (ok, not_found, error)", ["outcome"])
+AUTH_FAILURES = Counter("magi_auth_failures", "Rejected WebSocket authentications, by reason", ["reason"])
 CLIENT_ERRORS = Counter("magi_client_errors", "Error frames sent to clients", ["code"])
 REDIS_RECONNECTS = Counter("magi_redis_reconnects", "Notification subscription reconnects")
+REDIS_ERRORS = Counter("magi_redis_errors", "Redis operations that failed (backend unavailable)")
+AGENT_QUEUE_LAG = Gauge(
+    "magi_agent_queue_lag", "Requests in an agent's stream not yet read by any worker", ["agent"]
+)
+AGENT_PENDING = Gauge("magi_agent_pending", "Requests read by a worker and not yet finished", ["agent"])
+AGENT_WORKERS = Gauge("magi_agent_workers", "Live workers serving an agent", ["agent"])
+
+_TYPE_PREFIX = b'{"type":"'
+_MAX_TYPES = 32
+_OUT_BY_TYPE: dict[bytes, Counter] = {}
+
+
+def message_type(frame: bytes) -> bytes:
+    """The ``type`` of a frame the gateway or the Lua script encoded (it comes first)."""
+    if frame.startswith(_TYPE_PREFIX):
+        end = frame.find(b'"', len(_TYPE_PREFIX))
+        if end > 0:
+            return frame[len(_TYPE_PREFIX) : end]
+    return b"other"
+
+
+def count_out(frame: bytes) -> None:
+    """Count one message queued to a client.
+
+    Label children are cached per type (this is the hot path); the cache is bounded by
+    the protocol's few message types, anything past ``_MAX_TYPES`` counts as "other".
+    """
+    kind = message_type(frame)
+    counter = _OUT_BY_TYPE.get(kind)
+    if counter is None:
+        if len(_OUT_BY_TYPE) >= _MAX_TYPES:
+            kind = b"other"
+        counter = _OUT_BY_TYPE.setdefault(kind, MESSAGES_OUT.labels(kind.decode()))
+    counter.inc()
+    BYTES_OUT.inc(len(frame))

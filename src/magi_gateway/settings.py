@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     #: uvicorn's WebSocket implementation (compared in BENCHMARKS.md).
     ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = "auto"
+    #: ``text`` for a terminal, ``json`` for one JSON object per log line (with ids).
+    log_format: Literal["text", "json"] = "text"
 
     redis_host: str = "localhost"
     redis_port: int = Field(6379, ge=1, le=65535)
@@ -73,6 +75,16 @@ class Settings(BaseSettings):
     #: Deliveries of one request (first try included) before it fails with result_code 5.
     worker_max_deliveries: int = Field(3, ge=1)
 
+    #: Agents served by backends of the original system, for ``magi-gateway legacy-bridge``
+    #: (comma-separated).
+    legacy_agents: str = ""
+    #: Prepended to the original list names (``queue_agent_judgement``, ``…_stream``,
+    #: ``…_final``); empty keeps them exactly as the original backends use them.
+    legacy_list_prefix: str = ""
+    #: The list end the legacy backends push responses to and pop requests from: ``left``
+    #: (``LPUSH``/``BLPOP``, as the original backends) or ``right``. The bridge uses the other.
+    legacy_backend_end: Literal["left", "right"] = "left"
+
     redis_backoff_base_s: float = Field(0.05, gt=0)
     redis_backoff_cap_s: float = Field(5.0, gt=0)
     #: Connections one process keeps to Redis; past that, commands wait for a free one.
@@ -98,6 +110,11 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """``CORS_ORIGINS`` split on commas, blanks removed."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def legacy_agent_list(self) -> list[str]:
+        """``LEGACY_AGENTS`` split on commas, blanks removed."""
+        return [a.strip() for a in self.legacy_agents.split(",") if a.strip()]
 
     @property
     def secrets_configured(self) -> bool:

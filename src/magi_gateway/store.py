@@ -10,14 +10,12 @@ worker, timeout or cancel); the writer of the last final also writes the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError
 
 from . import protocol
@@ -25,9 +23,10 @@ from ._redis import redis_errors
 from ._types import AgentId, AppId, InstanceId, SessionId
 from .errors import BackendUnavailable
 from .keys import Keys
+from .liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness, now_ms
 from .session import ResultCode, compute_verdict, normalize_decision
 
-__all__ = ["AppendResult", "Request", "SessionInfo", "Store", "now_ms"]
+__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "Request", "SessionInfo", "Store", "now_ms"]
 
 _APPEND_LUA = """
 -- KEYS: log seq meta pending results
@@ -62,16 +61,8 @@ end
 return {seq, 1}
 """
 
-#: A request stream nobody writes to or serves for a day expires (with its group).
-REQUEST_STREAM_TTL_MS = 24 * 3600 * 1000
-
 # Negative codes returned by _APPEND_LUA, by meaning.
 _GONE, _COMPLETED, _NOT_PENDING, _FULL, _STILL_PENDING = -1, -2, -3, -4, -5
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds, the unit of deadlines and heartbeats in Redis."""
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +111,7 @@ class Request:
         )
 
 
-class Store:
+class Store(Liveness):
     """Session, request and liveness operations on one Redis client."""
 
     def __init__(
@@ -370,6 +361,11 @@ class Store:
             if agent_id in info.pending:
                 await self.append_final(info.session_id, agent_id, result_code, data)
 
+    async def running_sessions(self) -> int:
+        """Sessions not yet completed or timed out, across every gateway instance."""
+        with redis_errors():
+            return int(await self.redis.zcard(self.keys.deadlines))
+
     async def due_sessions(self, now: int, limit: int = 100) -> list[SessionId]:
         """Sessions whose deadline has passed and that are not yet cleared."""
         with redis_errors():
@@ -414,55 +410,3 @@ class Store:
                 )
                 pipe.pexpire(stream, REQUEST_STREAM_TTL_MS)
                 await pipe.execute()
-
-    # -- liveness ----------------------------------------------------------------
-
-    async def heartbeat(self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int) -> None:
-        """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``."""
-        now = now_ms()
-        expires = now + ttl_ms
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for agent_id in agent_ids:
-                    workers = self.keys.workers(agent_id)
-                    pipe.zadd(workers, {worker_id: expires})
-                    pipe.zremrangebyscore(workers, "-inf", now)
-                    self._extend_expiry(pipe, workers, ttl_ms * 3)
-                    pipe.zadd(self.keys.agents, {agent_id: expires}, gt=True)
-                    # An agent's request stream lives as long as someone serves or asks it.
-                    pipe.pexpire(self.keys.requests(agent_id), REQUEST_STREAM_TTL_MS)
-                pipe.zremrangebyscore(self.keys.agents, "-inf", now)
-                self._extend_expiry(pipe, self.keys.agents, ttl_ms * 3)
-                await pipe.execute()
-
-    @staticmethod
-    def _extend_expiry(pipe: Pipeline, key: str, ttl_ms: int) -> None:
-        # Shared keys: a worker with a short TTL must not cut another worker's longer one.
-        # NX gives a fresh key its first expiry; GT only ever pushes an expiry later.
-        pipe.pexpire(key, ttl_ms, nx=True)
-        pipe.pexpire(key, ttl_ms, gt=True)
-
-    async def retire_worker(self, worker_id: str, agent_ids: Sequence[AgentId]) -> None:
-        """Remove a stopping worker from the live sets at once."""
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for agent_id in agent_ids:
-                    pipe.zrem(self.keys.workers(agent_id), worker_id)
-                await pipe.execute()
-
-    async def live_worker_counts(self, agent_ids: Sequence[AgentId]) -> dict[AgentId, int]:
-        """Number of live workers for each agent."""
-        now = now_ms()
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for agent_id in agent_ids:
-                    pipe.zcount(self.keys.workers(agent_id), now, "+inf")
-                counts = await pipe.execute()
-        return dict(zip(agent_ids, (int(c) for c in counts), strict=True))
-
-    async def live_agents(self) -> dict[AgentId, int]:
-        """Agents with at least one live worker, and how many."""
-        with redis_errors():
-            names: Any = await self.redis.zrangebyscore(self.keys.agents, now_ms(), "+inf")
-        counts = await self.live_worker_counts([AgentId(n.decode()) for n in names])
-        return {agent: n for agent, n in sorted(counts.items()) if n > 0}

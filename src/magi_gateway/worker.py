@@ -35,6 +35,7 @@ from ._types import AgentId, SessionId
 from .appender import ChunkAppender
 from .errors import AgentError, BackendUnavailable
 from .keys import WORKER_GROUP, Keys
+from .logs import session_id_var
 from .sdk import Agent, Context, Judgement, JudgementClosed
 from .session import ResultCode
 from .settings import Settings
@@ -314,6 +315,7 @@ class Worker:
         await cancel_and_wait(pending)
 
     async def _serve(self, request: Request, ctx: Context) -> None:
+        session_id_var.set(request.session_id)  # this job's task only, for its logs
         agent = self.agents[request.agent_id]
         remaining_s = (request.deadline_ms - now_ms()) / 1000
         if remaining_s <= 0:

@@ -1,0 +1,427 @@
+"""A bridge for backends of the original Magi system, which speak Redis lists.
+
+The original gateway ``LPUSH``ed each request (the client's message plus ``session_id``)
+onto ``queue_agent_judgement``; its backends pushed JSON responses carrying ``session_id``
+onto ``queue_agent_judgement_stream`` and ``queue_agent_judgement_final``.
+``LegacyBridge`` puts such backends, unchanged, behind the new gateway:
+
+- **Requests.** A ``Worker`` serves the legacy agents (consumer group, heartbeats,
+  takeover); each agent pushes the original-format request and hands off: the request is
+  acknowledged without a final, which the backend writes. The push goes to the end the
+  backends do not pop from, so a backlog is served oldest first (``LPUSH`` + ``BLPOP``
+  served it newest first).
+- **Responses.** One bridge at a time (a lease) moves responses, oldest first, into a
+  processing list, appends each to its session through ``Store`` (the append publishes
+  it to the gateway instance owning the session) and only then removes it. Whatever a
+  dead bridge had taken is delivered first by the next lease holder. A chunk appended
+  just before a crash may be appended again (as across Redis outages); finals are
+  exactly once.
+- **Order.** Finals move only while the stream list is empty, in the same atomic script:
+  a backend pushes a final after its chunks, so they are all ahead of it in the
+  processing list, which is delivered strictly in order.
+- **Bad input** (not JSON, no ``session_id``, unknown session or agent) is logged,
+  counted in ``dropped`` and skipped; responses the session refuses (after the agent's
+  final, e.g. a timeout) are counted in ``refused``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+from ._redis import Backoff, connect, redis_errors
+from ._tasks import cancel_and_wait
+from ._types import AgentId, SessionId
+from .errors import BackendUnavailable
+from .keys import Keys
+from .sdk import Agent, Context, Judgement, JudgementClosed
+from .session import ResultCode
+from .settings import Settings
+from .store import REQUEST_STREAM_TTL_MS, Store
+from .worker import Worker
+
+__all__ = ["LegacyBridge", "LegacyResponse", "legacy_request", "parse_legacy_response", "resolve_agent"]
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["stream", "final"]
+_TYPES: dict[str, Kind] = {"agent_judgement_stream": "stream", "agent_judgement_final": "final"}
+# Session ids as ``session.new_session_id`` makes them; anything else names no session.
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
+# Marks finals in the processing list. 0xFF occurs in no UTF-8 text, so no JSON starts with it.
+_FINAL_TAG = b"\xff"
+_RESULT_CODES = frozenset(int(c) for c in ResultCode)
+_SESSION_CACHE_SIZE = 4096  # sessions whose agents are remembered; overflow: evict the oldest
+
+_MOVE_LUA = """
+-- KEYS: stream_list final_list processing   ARGV: pop_command max ttl_ms final_tag
+local moved, max = 0, tonumber(ARGV[2])
+while moved < max do
+  local item = redis.call(ARGV[1], KEYS[1])
+  if not item then break end
+  redis.call('LPUSH', KEYS[3], item)
+  moved = moved + 1
+end
+-- Finals only once no chunk waits: every chunk pushed before a final is then ahead of it.
+if redis.call('LLEN', KEYS[1]) == 0 then
+  while moved < max do
+    local item = redis.call(ARGV[1], KEYS[2])
+    if not item then break end
+    redis.call('LPUSH', KEYS[3], ARGV[4] .. item)
+    moved = moved + 1
+  end
+end
+if moved > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
+return moved
+"""
+
+_LEASE_LUA = """
+-- KEYS: lease   ARGV: holder ttl_ms (0: release)
+local holder = redis.call('GET', KEYS[1])
+if ARGV[2] == '0' then
+  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
+  return 0
+end
+if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if holder then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+# -- the wire formats (no I/O) ---------------------------------------------------------------
+
+
+def legacy_request(session_id: SessionId, agent_id: AgentId, user_input: str) -> bytes:
+    """A request as the original gateway queued it: the client's message plus ``session_id``."""
+    return orjson.dumps(
+        {
+            "type": "agent_judgement",
+            "agent_ids": [agent_id],
+            "data": {"user_input": user_input},
+            "session_id": session_id,
+        }
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LegacyResponse:
+    """A legacy backend's message, checked; ``agent_id`` is None when it named none."""
+
+    kind: Kind
+    session_id: SessionId
+    agent_id: str | None
+    data: dict[str, Any]
+    result_code: ResultCode = ResultCode.OK
+
+
+def parse_legacy_response(raw: bytes, listed_as: Kind) -> LegacyResponse | str:
+    """Check one message from a response list; return it, or why it must be dropped.
+
+    Its ``type`` says what it is, as the original gateway forwarded it; without one, the
+    list it came from does. A stream's ``data`` may be a bare string (the thinking text).
+    A final without ``result_code`` is 0, or 1 when ``data`` has an ``error``.
+    """
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "not_json"
+    if not isinstance(message, dict):
+        return "not_an_object"
+    session_id = message.get("session_id")
+    if session_id is None:
+        return "no_session_id"
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        return "unknown_session"
+    kind = listed_as if "type" not in message else _TYPES.get(str(message["type"]))
+    if kind is None:
+        return "bad_type"
+    agent_id = message.get("agent_id")
+    if agent_id is not None and not isinstance(agent_id, str):
+        return "unknown_agent"
+    data = message.get("data")
+    if kind == "stream" and isinstance(data, str):
+        data = {"thinking": data}
+    elif kind == "final" and data is None:
+        data = {}
+    if not isinstance(data, dict):
+        return "bad_data"
+    if kind == "stream":
+        return LegacyResponse(kind, SessionId(session_id), agent_id, data)
+    code = message.get("result_code", 1 if "error" in data else 0)
+    if isinstance(code, bool) or not isinstance(code, int) or code not in _RESULT_CODES:
+        return "bad_result_code"
+    if code != 0 and not isinstance(data.get("error"), str):
+        data = {**data, "error": "The agent reported an error"}
+    return LegacyResponse(kind, SessionId(session_id), agent_id, data, ResultCode(code))
+
+
+def resolve_agent(
+    named: str | None, session_agents: Sequence[AgentId], served: Collection[AgentId]
+) -> AgentId | None:
+    """The session's agent a response is for: the one it names, else the only candidate.
+
+    Original backends may leave ``agent_id`` out; that is unambiguous when the session has
+    one legacy agent (or one agent at all).
+    """
+    if named is not None:
+        return AgentId(named) if named in session_agents else None
+    candidates = [a for a in session_agents if a in served] or list(session_agents)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+# -- the bridge ------------------------------------------------------------------------------
+
+
+class _HandedOff(JudgementClosed):
+    """The request is on the legacy list; the backend writes the final, the runner acks."""
+
+
+class _Forwarder(Agent):
+    """Stands in for a legacy agent in the ``Worker``: queues the request for the backend."""
+
+    def __init__(self, name: str, bridge: LegacyBridge) -> None:
+        self.name = name
+        self._bridge = bridge
+
+    async def judge(self, user_input: str, ctx: Context) -> Judgement:
+        """Queue the request in the original format, then hand it off."""
+        await self._bridge.push_request(legacy_request(ctx.session_id, ctx.agent_id, user_input))
+        raise _HandedOff(ctx.session_id)
+
+
+class LegacyBridge:
+    """Serves ``agent_ids`` (default ``LEGACY_AGENTS``) through backends of the original system.
+
+    Run it as its own process (or task) next to the gateways; several may run, for
+    requests they share the work, for responses one holds the lease and the others wait.
+    ``burst=True`` makes ``run`` return once no request and no response is waiting.
+    """
+
+    def __init__(
+        self,
+        agent_ids: Sequence[str] | None = None,
+        settings: Settings | None = None,
+        *,
+        burst: bool = False,
+        batch_size: int = 100,
+        idle_wait_s: float = 0.05,
+        grace_s: float = 5.0,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings()
+        self.burst = burst
+        self.batch_size = batch_size
+        #: Longest a final waits while no chunk arrives (a blocking wait covers one list only).
+        self.idle_wait_s = idle_wait_s
+        self.grace_s = grace_s
+        self.lists = Keys.legacy(self.settings.legacy_list_prefix)
+        # The worker takes requests; its agents are forwarders, so it never writes a final.
+        names = self.settings.legacy_agent_list if agent_ids is None else agent_ids
+        self.worker = Worker([_Forwarder(a, self) for a in names], self.settings, burst=burst)
+        self.agent_ids = frozenset(self.worker.agents)
+        self.redis = connect(self.settings, client_name="magi-legacy-bridge")
+        self.store = Store(self.redis, Keys(self.settings.redis_key_prefix))
+        # Backends use one end of the lists; the bridge the other, so both sides are FIFO.
+        self._backend_left = self.settings.legacy_backend_end == "left"
+        self._move = self.redis.register_script(_MOVE_LUA)
+        self._lease = self.redis.register_script(_LEASE_LUA)
+        self._holder = self.worker.worker_id
+        self._lease_ms = int(self.settings.worker_ttl_s * 1000)
+        self._renew_at = 0.0
+        self._leader = False
+        self._session_agents: dict[SessionId, tuple[AgentId, ...]] = {}
+        self._stopping = asyncio.Event()
+        # Requests are served concurrently; this keeps their pushes in the order they were read.
+        self._push_order = asyncio.Lock()
+        #: Responses appended to their session.
+        self.relayed = 0
+        #: Responses refused by the session: its agent had its final, or it was complete.
+        self.refused = 0
+        #: Malformed responses skipped, by reason.
+        self.dropped: Counter[str] = Counter()
+
+    async def run(self) -> None:
+        """Serve requests and relay responses until ``stop`` (or, in burst mode, idle)."""
+        tasks = [
+            asyncio.create_task(self.worker.run(), name="magi-legacy-requests"),
+            asyncio.create_task(self._relay(), name="magi-legacy-responses"),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            self.stop()
+            await asyncio.wait(tasks, timeout=self.grace_s + self.worker.grace_s)
+            await cancel_and_wait(tasks)
+            try:
+                with redis_errors():
+                    await self._lease(keys=[self.lists.lease], args=[self._holder, 0])
+            except BackendUnavailable:
+                logger.warning("could not release the legacy relay lease; it expires by itself")
+            await self.redis.aclose()
+        for task in tasks:
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                raise exc
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish: no new requests, the response being delivered completes."""
+        self._stopping.set()
+        self.worker.stop()
+
+    async def push_request(self, payload: bytes) -> None:
+        """Queue a request for the legacy backends, riding out Redis outages."""
+        backoff = Backoff.for_settings(self.settings)
+        async with self._push_order:
+            while True:
+                try:
+                    with redis_errors():
+                        async with self.redis.pipeline(transaction=True) as pipe:
+                            if self._backend_left:
+                                pipe.rpush(self.lists.requests, payload)
+                            else:
+                                pipe.lpush(self.lists.requests, payload)
+                            pipe.pexpire(self.lists.requests, REQUEST_STREAM_TTL_MS)
+                            await pipe.execute()
+                    return
+                except BackendUnavailable:
+                    # The worker's deadline bounds this; a lost reply may queue it twice.
+                    await asyncio.sleep(backoff.next_delay())
+
+    # -- responses -------------------------------------------------------------------------
+
+    async def _relay(self) -> None:
+        backoff = Backoff.for_settings(self.settings)
+        waiting = True  # the processing list may hold responses (a dead bridge's, at first)
+        while not self._stopping.is_set():
+            try:
+                if not await self._hold_lease():
+                    waiting = True
+                    await self._pause(self.settings.worker_heartbeat_interval_s)
+                    continue
+                if waiting:
+                    await self._deliver_processing()
+                waiting = bool(await self._take_batch())
+                if not waiting and self.burst:
+                    return
+                if not waiting:
+                    waiting = await self._wait_for_chunk()
+            except BackendUnavailable as exc:
+                waiting, self._renew_at = True, 0.0
+                if backoff.failures == 0:
+                    logger.warning("cannot relay legacy responses (%s); retrying", exc.__cause__)
+                await self._pause(backoff.next_delay())
+                continue
+            backoff.reset()
+
+    async def _pause(self, delay_s: float) -> None:
+        try:
+            async with asyncio.timeout(delay_s):
+                await self._stopping.wait()
+        except TimeoutError:
+            pass
+
+    async def _hold_lease(self) -> bool:
+        """Take or renew the relay lease; False while another bridge holds it."""
+        now = time.monotonic()
+        if self._leader and now < self._renew_at:
+            return True
+        with redis_errors():
+            held = bool(await self._lease(keys=[self.lists.lease], args=[self._holder, self._lease_ms]))
+        if held != self._leader:
+            logger.info("%s relaying legacy responses", "now" if held else "no longer")
+        self._leader = held
+        self._renew_at = now + self.settings.worker_heartbeat_interval_s
+        return held
+
+    async def _take_batch(self) -> int:
+        """Move up to ``batch_size`` responses into the processing list, in order."""
+        with redis_errors():
+            moved: int = await self._move(
+                keys=[self.lists.stream_responses, self.lists.final_responses, self.lists.processing],
+                args=[
+                    "RPOP" if self._backend_left else "LPOP",
+                    self.batch_size,
+                    REQUEST_STREAM_TTL_MS,
+                    _FINAL_TAG,
+                ],
+            )
+        return moved
+
+    async def _wait_for_chunk(self) -> bool:
+        """Block until a chunk arrives (and move it), or ``idle_wait_s`` passes for finals."""
+        with redis_errors():
+            moved = await self.redis.blmove(
+                self.lists.stream_responses,
+                self.lists.processing,
+                self.idle_wait_s,  # type: ignore[arg-type]  # Redis 6+ takes fractional seconds
+                "RIGHT" if self._backend_left else "LEFT",
+                "LEFT",
+            )
+            if moved is not None:
+                await self.redis.pexpire(self.lists.processing, REQUEST_STREAM_TTL_MS)
+        return moved is not None
+
+    async def _deliver_processing(self) -> None:
+        """Deliver the processing list oldest first (its right end), removing each when done."""
+        while not self._stopping.is_set():
+            with redis_errors():
+                entries: Any = await self.redis.lrange(self.lists.processing, -self.batch_size, -1)
+            if not entries:
+                return
+            for entry in reversed(entries):
+                await self._deliver(entry)
+                with redis_errors():
+                    # Only the lease holder pops here, so the right end is still this entry.
+                    await self.redis.rpop(self.lists.processing)
+                if self._stopping.is_set():
+                    return
+
+    async def _deliver(self, entry: bytes) -> None:
+        final = entry.startswith(_FINAL_TAG)
+        raw = entry[len(_FINAL_TAG) :] if final else entry
+        response = parse_legacy_response(raw, "final" if final else "stream")
+        if isinstance(response, str):
+            self._drop(response, raw)
+            return
+        agents = await self._agents_of(response.session_id)
+        if agents is None:
+            self._drop("unknown_session", raw)
+            return
+        agent_id = resolve_agent(response.agent_id, agents, self.agent_ids)
+        if agent_id is None:
+            self._drop("unknown_agent", raw)
+            return
+        if response.kind == "stream":
+            result = await self.store.append_stream(response.session_id, agent_id, response.data)
+        else:
+            result = await self.store.append_final(
+                response.session_id, agent_id, response.result_code, response.data
+            )
+        if result.seq is None:
+            self.refused += 1
+            logger.debug("session %s refused a legacy %s of %s", response.session_id, response.kind, agent_id)
+        else:
+            self.relayed += 1
+
+    async def _agents_of(self, session_id: SessionId) -> tuple[AgentId, ...] | None:
+        """The session's agents (they never change, so they are remembered)."""
+        if (known := self._session_agents.get(session_id)) is not None:
+            return known
+        info = await self.store.session_info(session_id)
+        if info is None:
+            return None
+        if len(self._session_agents) >= _SESSION_CACHE_SIZE:
+            del self._session_agents[next(iter(self._session_agents))]
+        self._session_agents[session_id] = info.agent_ids
+        return info.agent_ids
+
+    def _drop(self, reason: str, raw: bytes) -> None:
+        self.dropped[reason] += 1
+        logger.warning("dropped a legacy response (%s): %.200r", reason, raw)

@@ -1,0 +1,125 @@
+"""Worker liveness and agent queues: who serves which agent, and how far behind it is.
+
+Workers heartbeat their agents into ``{P}:a:AGENT:workers`` and ``{P}:agents`` (scores
+are expiry times); gateways read them to answer ``get_agents``, to fail requests for
+agents nobody serves at once, and for the queue gauges of ``/metrics``. ``Store``
+inherits these operations, so callers keep one object per Redis client.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import ResponseError
+
+from ._redis import redis_errors
+from ._types import AgentId
+from .errors import BackendUnavailable
+from .keys import WORKER_GROUP, Keys
+
+__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "Liveness", "now_ms"]
+
+#: A request stream nobody writes to or serves for a day expires (with its group).
+REQUEST_STREAM_TTL_MS = 24 * 3600 * 1000
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, the unit of deadlines and heartbeats in Redis."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStats:
+    """An agent's queue as Redis sees it."""
+
+    workers: int
+    #: Requests not yet read by any worker.
+    lag: int
+    #: Requests read by a worker and not yet acknowledged.
+    pending: int
+
+
+class Liveness:
+    """Heartbeats, live workers and agent queue statistics."""
+
+    redis: Redis
+    keys: Keys
+
+    async def heartbeat(self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int) -> None:
+        """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``."""
+        now = now_ms()
+        expires = now + ttl_ms
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    workers = self.keys.workers(agent_id)
+                    pipe.zadd(workers, {worker_id: expires})
+                    pipe.zremrangebyscore(workers, "-inf", now)
+                    self._extend_expiry(pipe, workers, ttl_ms * 3)
+                    pipe.zadd(self.keys.agents, {agent_id: expires}, gt=True)
+                    # An agent's request stream lives as long as someone serves or asks it.
+                    pipe.pexpire(self.keys.requests(agent_id), REQUEST_STREAM_TTL_MS)
+                pipe.zremrangebyscore(self.keys.agents, "-inf", now)
+                self._extend_expiry(pipe, self.keys.agents, ttl_ms * 3)
+                await pipe.execute()
+
+    @staticmethod
+    def _extend_expiry(pipe: Pipeline, key: str, ttl_ms: int) -> None:
+        # Shared keys: a worker with a short TTL must not cut another worker's longer one.
+        # NX gives a fresh key its first expiry; GT only ever pushes an expiry later.
+        pipe.pexpire(key, ttl_ms, nx=True)
+        pipe.pexpire(key, ttl_ms, gt=True)
+
+    async def retire_worker(self, worker_id: str, agent_ids: Sequence[AgentId]) -> None:
+        """Remove a stopping worker from the live sets at once."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    pipe.zrem(self.keys.workers(agent_id), worker_id)
+                await pipe.execute()
+
+    async def live_worker_counts(self, agent_ids: Sequence[AgentId]) -> dict[AgentId, int]:
+        """Number of live workers for each agent."""
+        now = now_ms()
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for agent_id in agent_ids:
+                    pipe.zcount(self.keys.workers(agent_id), now, "+inf")
+                counts = await pipe.execute()
+        return dict(zip(agent_ids, (int(c) for c in counts), strict=True))
+
+    async def agent_stats(self) -> dict[AgentId, AgentStats]:
+        """Queue state of every agent with a live worker (``XINFO GROUPS`` of its stream)."""
+        live = await self.live_agents()
+        stats: dict[AgentId, AgentStats] = {}
+        for agent_id, workers in live.items():
+            lag = pending = 0
+            try:
+                with redis_errors():
+                    groups: Any = await self.redis.xinfo_groups(self.keys.requests(agent_id))
+            except BackendUnavailable as exc:
+                if not isinstance(exc.__cause__, ResponseError):
+                    raise
+                groups = []  # no stream yet: nothing queued
+            for group in groups:
+                if group["name"] == WORKER_GROUP.encode():
+                    pending = int(group["pending"])
+                    if group.get("lag") is not None:
+                        lag = int(group["lag"])
+                    else:  # not computable after some deletions: what is left is pending or new
+                        with redis_errors():
+                            lag = max(int(await self.redis.xlen(self.keys.requests(agent_id))) - pending, 0)
+            stats[agent_id] = AgentStats(workers=workers, lag=lag, pending=pending)
+        return stats
+
+    async def live_agents(self) -> dict[AgentId, int]:
+        """Agents with at least one live worker, and how many."""
+        with redis_errors():
+            names: Any = await self.redis.zrangebyscore(self.keys.agents, now_ms(), "+inf")
+        counts = await self.live_worker_counts([AgentId(n.decode()) for n in names])
+        return {agent: n for agent, n in sorted(counts.items()) if n > 0}
