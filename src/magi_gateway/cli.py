@@ -19,6 +19,7 @@ from rich.console import Console
 from starlette.applications import Starlette
 
 from ._terminal import render_judgement
+from .admin_commands import app as admin_app
 from .agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
 from .agents.config import AgentsConfigError, import_agents, load_agents_file, make_llm_agent
 from .auth import compute_token, minute_of
@@ -41,6 +42,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(bench_app, name="bench")
+app.add_typer(admin_app, name="admin")
 console = Console()
 
 DEFAULT_DATA_DIR = Path(".magi")

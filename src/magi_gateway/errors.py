@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "CLOSE_ADMIN_DISCONNECT",
     "CLOSE_AUTH_FAILED",
     "CLOSE_SERVICE_RESTART",
     "CLOSE_TRY_AGAIN_LATER",
@@ -39,6 +40,8 @@ __all__ = [
 
 #: WebSocket close code sent after an authentication failure.
 CLOSE_AUTH_FAILED = 4001
+#: Close code for connections closed by ``magi-gateway admin disconnect-*``.
+CLOSE_ADMIN_DISCONNECT = 4002
 #: Close code for a client whose outbound buffer overflowed (RFC 6455 "try again later").
 CLOSE_TRY_AGAIN_LATER = 1013
 #: Close code sent to clients when the gateway shuts down.

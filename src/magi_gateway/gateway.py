@@ -22,6 +22,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
@@ -30,8 +31,10 @@ from ._delivery import Delivery
 from ._redis import Backoff, connect, redis_errors
 from ._tasks import cancel_and_wait
 from ._types import AgentId, AppId, ConnectionId, InstanceId, SessionId
+from .admin import AdminCommand, AdminError, CommandChecker
 from .connection import Connection
 from .errors import (
+    CLOSE_ADMIN_DISCONNECT,
     CLOSE_SERVICE_RESTART,
     BackendUnavailable,
     GatewayError,
@@ -56,6 +59,8 @@ _SWEEP_INTERVAL_S = 0.2
 _STOP_TIMEOUT_S = 5.0
 _CREATION_WAIT_POLLS = 20
 _CREATION_WAIT_POLL_S = 0.05
+#: Sessions one instance lists in its answer to ``admin sessions``.
+_ADMIN_MAX_SESSIONS = 1000
 
 
 class Gateway:
@@ -88,6 +93,7 @@ class Gateway:
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._probes: dict[bytes, asyncio.Future[None]] = {}
+        self._admin = CommandChecker(settings.admin_secret)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -344,12 +350,14 @@ class Gateway:
         """Receive this instance's notifications, reconnecting with backoff."""
         backoff = self._backoff()
         channel = self.keys.gateway_channel(self.instance_id)
+        admin_channel = self.keys.admin_channel
+        admin_channel_bytes = admin_channel.encode()
         while True:
             pubsub: PubSub | None = None
             try:
                 pubsub = self._notifications.pubsub(ignore_subscribe_messages=True)
                 with redis_errors():
-                    await pubsub.subscribe(channel)
+                    await pubsub.subscribe(channel, admin_channel)
                 if backoff.failures:
                     metrics.REDIS_RECONNECTS.inc()
                     logger.info("notification subscription restored")
@@ -360,7 +368,10 @@ class Gateway:
                     # A blocking read: cancellation of a read with a timeout can be lost
                     # when both happen at once (asyncio.timeout in 3.11), hanging shutdown.
                     async for message in pubsub.listen():
-                        self._on_notification(message["data"])
+                        if message["channel"] == admin_channel_bytes:
+                            self._on_admin(message["data"])
+                        else:
+                            self._on_notification(message["data"])
             except BackendUnavailable as exc:
                 self._subscribed.clear()
                 delay = backoff.next_delay()
@@ -379,6 +390,45 @@ class Gateway:
                 probe.set_result(None)
             return
         self.delivery.deliver(SessionId(session_part.decode()), int(seq_part), frame)
+
+    # -- admin commands (see admin.py) ----------------------------------------------
+
+    def _on_admin(self, data: bytes) -> None:
+        try:
+            command = self._admin.check(data, now_ms())
+        except AdminError as exc:
+            logger.warning("admin command refused: %s", exc)
+            return
+        logger.info("admin command %s %s", command.command, command.args)
+        self._spawn(self._run_admin(command), f"admin-{command.command}")
+
+    async def _run_admin(self, command: AdminCommand) -> None:
+        appid = command.args.get("appid")
+        targets = [c for c in self._connections.values() if appid is None or c.appid == appid]
+        reply: dict[str, Any] = {"instance": self.instance_id, "command": command.command}
+        if command.command == "broadcast":
+            frame = protocol.encode({"type": "broadcast", "message": command.args["message"]})
+            reply["connections"] = sum(c.push(frame) for c in targets)
+        elif command.command in ("disconnect-all", "disconnect-app"):
+            for connection in targets:
+                connection.request_close(CLOSE_ADMIN_DISCONNECT, "Disconnected by admin", flush=True)
+            reply["connections"] = len(targets)
+        else:  # sessions
+            reply["connections"] = len(self._connections)
+            reply["sessions"] = [
+                {
+                    "session_id": s.id,
+                    "appid": s.connection.appid,
+                    "connection_id": s.connection.id,
+                    "last_seq": s.cursor.last_seq,
+                }
+                for s in list(self.delivery.sessions.values())[:_ADMIN_MAX_SESSIONS]
+            ]
+        try:
+            with redis_errors():
+                await self.redis.publish(command.reply_to, orjson.dumps(reply))
+        except BackendUnavailable:
+            logger.warning("could not answer admin command %s", command.command)
 
     # -- readiness and metrics -----------------------------------------------------
 

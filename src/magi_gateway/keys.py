@@ -14,6 +14,8 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     {P}:deadlines        zset     session id -> deadline (ms), swept by every gateway
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
     P:cancel             channel  session ids whose agents workers must stop
+    P:admin              channel  signed admin commands, for every gateway instance
+    P:admin:reply:NONCE  channel  the instances' answers to one admin command
 
 The original system's lists, used by ``LegacyBridge`` (``L`` is ``LEGACY_LIST_PREFIX``,
 empty by default: the original backends know these names as they are, unprefixed)::
@@ -117,6 +119,15 @@ class Keys:
     def cancel_channel(self) -> str:
         """Where gateways announce cancelled sessions to workers."""
         return f"{self.prefix}:cancel"
+
+    @property
+    def admin_channel(self) -> str:
+        """Where ``magi-gateway admin`` publishes signed commands to every gateway."""
+        return f"{self.prefix}:admin"
+
+    def admin_reply_channel(self, nonce: str) -> str:
+        """Where gateway instances answer the admin command ``nonce``."""
+        return f"{self.prefix}:admin:reply:{nonce}"
 
     @property
     def gateway_channel_prefix(self) -> str:

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     #: uvicorn's WebSocket implementation (compared in BENCHMARKS.md).
     ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = "auto"
+    #: Signs ``magi-gateway admin`` commands; unset, gateways ignore every admin command.
+    admin_secret: str | None = None
     #: ``text`` for a terminal, ``json`` for one JSON object per log line (with ids).
     log_format: Literal["text", "json"] = "text"
 
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
     #: How long a command waits for a free pooled connection before failing.
     redis_pool_timeout_s: float = Field(5.0, gt=0)
 
-    @field_validator("redis_password", "redis_url", "fixed_secret", mode="before")
+    @field_validator("redis_password", "redis_url", "fixed_secret", "admin_secret", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # The original .env template has `REDIS_PASSWORD=` (empty): that means "none".

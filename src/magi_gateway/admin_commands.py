@@ -1,0 +1,193 @@
+"""``magi-gateway admin …``: commands to every gateway instance, and Redis-side reports.
+
+``broadcast``, ``disconnect-all``, ``disconnect-app`` and ``sessions`` are signed with
+``ADMIN_SECRET`` and published on the admin channel (see ``admin.py``); every
+instance acts and answers on a reply channel, and the command prints the answers
+received within ``--wait`` seconds (instances are not registered anywhere, so it
+cannot know how many to expect). ``agents`` reads the workers' registry and the
+request streams straight from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._redis import connect, redis_errors
+from .admin import MAX_BROADCAST_CHARS, AdminCommand, CommandName, sign_command
+from .errors import BackendUnavailable
+from .keys import Keys
+from .settings import Settings
+from .store import Store, now_ms
+
+__all__ = ["app", "send_command"]
+
+app = typer.Typer(
+    help="Act on every gateway instance through Redis (needs ADMIN_SECRET).", no_args_is_help=True
+)
+console = Console()
+
+_SecretOption = Annotated[str | None, typer.Option(help="Admin secret [env ADMIN_SECRET]")]
+_WaitOption = Annotated[float, typer.Option(help="Seconds to collect the instances' answers")]
+_JsonOption = Annotated[bool, typer.Option("--json", help="Print the answers as JSON")]
+
+
+async def send_command(
+    settings: Settings, secret: str, command: CommandName, args: dict[str, Any], wait_s: float
+) -> list[dict[str, Any]]:
+    """Publish a signed command; return the instances' answers received within ``wait_s``."""
+    redis = connect(settings, client_name="magi-admin")
+    keys = Keys(settings.redis_key_prefix)
+    nonce = secrets.token_hex(12)
+    reply_to = keys.admin_reply_channel(nonce)
+    answers: list[dict[str, Any]] = []
+    try:
+        with redis_errors():
+            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            await pubsub.subscribe(reply_to)
+            try:
+                signed = sign_command(AdminCommand(command, now_ms(), nonce, reply_to, args), secret)
+                await redis.publish(keys.admin_channel, signed)
+                deadline = time.monotonic() + wait_s
+                while (left := deadline - time.monotonic()) > 0:
+                    message = await pubsub.get_message(timeout=left)
+                    if message is not None:
+                        answers.append(orjson.loads(message["data"]))
+            finally:
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+    finally:
+        await redis.aclose()
+    return answers
+
+
+def _secret(given: str | None, settings: Settings) -> str:
+    secret = given or settings.admin_secret
+    if not secret:
+        raise typer.BadParameter("give --secret or set ADMIN_SECRET (the gateways' admin secret)")
+    return secret
+
+
+def _run(command: CommandName, args: dict[str, Any], secret: str | None, wait: float) -> list[dict[str, Any]]:
+    settings = Settings()
+    try:
+        answers = asyncio.run(send_command(settings, _secret(secret, settings), command, args, wait))
+    except BackendUnavailable as exc:
+        console.print(f"[red]Redis unavailable: {exc.__cause__}[/red]")
+        raise typer.Exit(1) from exc
+    if not answers:
+        console.print("[yellow]no gateway instance answered (none running, or ADMIN_SECRET differs)[/yellow]")
+        raise typer.Exit(1)
+    return answers
+
+
+def _report(answers: list[dict[str, Any]], as_json: bool, verb: str) -> None:
+    if as_json:
+        console.print_json(orjson.dumps(answers).decode())
+        return
+    table = Table("instance", verb)
+    for answer in sorted(answers, key=lambda a: a["instance"]):
+        table.add_row(answer["instance"], str(answer["connections"]))
+    console.print(table)
+    total = sum(a["connections"] for a in answers)
+    console.print(f"{total} connection(s) on {len(answers)} instance(s)")
+
+
+@app.command()
+def broadcast(
+    message: Annotated[str, typer.Argument(help="Text sent to clients as {type: broadcast, message}")],
+    appid: Annotated[str | None, typer.Option(help="Only this appid's connections")] = None,
+    secret: _SecretOption = None,
+    wait: _WaitOption = 1.0,
+    as_json: _JsonOption = False,
+) -> None:
+    """Send a message to every connected client (or one appid's)."""
+    if not message or len(message) > MAX_BROADCAST_CHARS:
+        raise typer.BadParameter(f"the message must have 1-{MAX_BROADCAST_CHARS} characters")
+    args: dict[str, Any] = {"message": message}
+    if appid is not None:
+        args["appid"] = appid
+    _report(_run("broadcast", args, secret, wait), as_json, "clients reached")
+
+
+@app.command("disconnect-all")
+def disconnect_all(
+    secret: _SecretOption = None, wait: _WaitOption = 1.0, as_json: _JsonOption = False
+) -> None:
+    """Close every client connection (code 4002, after what is queued); sessions run on."""
+    _report(_run("disconnect-all", {}, secret, wait), as_json, "disconnected")
+
+
+@app.command("disconnect-app")
+def disconnect_app(
+    appid: Annotated[str, typer.Argument(help="Application id")],
+    secret: _SecretOption = None,
+    wait: _WaitOption = 1.0,
+    as_json: _JsonOption = False,
+) -> None:
+    """Close one appid's connections (code 4002); to keep it out, remove its secret first."""
+    _report(_run("disconnect-app", {"appid": appid}, secret, wait), as_json, "disconnected")
+
+
+@app.command()
+def sessions(secret: _SecretOption = None, wait: _WaitOption = 1.0, as_json: _JsonOption = False) -> None:
+    """Sessions being delivered by each instance, and how many run across the deployment."""
+    answers = _run("sessions", {}, secret, wait)
+    running = asyncio.run(_running_sessions(Settings()))
+    if as_json:
+        console.print_json(orjson.dumps({"running": running, "instances": answers}).decode())
+        return
+    table = Table("instance", "session", "appid", "connection", "last seq")
+    for answer in sorted(answers, key=lambda a: a["instance"]):
+        for item in answer["sessions"]:
+            row = (item["session_id"], item["appid"], item["connection_id"], str(item["last_seq"]))
+            table.add_row(answer["instance"], *row)
+    console.print(table)
+    attached = sum(len(a["sessions"]) for a in answers)
+    connections = sum(a["connections"] for a in answers)
+    console.print(
+        f"{running} session(s) running; {attached} attached to {connections} connection(s) "
+        f"on {len(answers)} instance(s)"
+    )
+
+
+async def _running_sessions(settings: Settings) -> int:
+    redis = connect(settings, client_name="magi-admin")
+    try:
+        return await Store(redis, Keys(settings.redis_key_prefix)).running_sessions()
+    finally:
+        await redis.aclose()
+
+
+@app.command()
+def agents(secret: _SecretOption = None, as_json: _JsonOption = False) -> None:
+    """Agents with live workers, and their queues (read from Redis)."""
+    settings = Settings()
+    _secret(secret, settings)  # the same gate as the other commands
+
+    async def read() -> dict[str, Any]:
+        redis = connect(settings, client_name="magi-admin")
+        try:
+            stats = await Store(redis, Keys(settings.redis_key_prefix)).agent_stats()
+        finally:
+            await redis.aclose()
+        return {a: {"workers": s.workers, "lag": s.lag, "pending": s.pending} for a, s in stats.items()}
+
+    try:
+        found = asyncio.run(read())
+    except BackendUnavailable as exc:
+        console.print(f"[red]Redis unavailable: {exc.__cause__}[/red]")
+        raise typer.Exit(1) from exc
+    if as_json:
+        console.print_json(orjson.dumps(found).decode())
+        return
+    table = Table("agent", "workers", "queued (not read)", "running (read, not done)")
+    for agent_id, stat in found.items():
+        table.add_row(agent_id, str(stat["workers"]), str(stat["lag"]), str(stat["pending"]))
+    console.print(table)
