@@ -14,12 +14,14 @@ import websockets
 
 from magi_gateway.admin import MAX_AGE_MS, AdminCommand, AdminError, CommandChecker, sign_command
 from magi_gateway.admin_commands import send_command
+from magi_gateway.client import MagiClient
 from magi_gateway.errors import CLOSE_ADMIN_DISCONNECT
 from magi_gateway.settings import Settings
 from magi_gateway.worker import Worker
 
 from . import agents_for_tests
-from ._support import GatewayHandle, judge, recv, send
+from ._support import APPID, GatewayHandle, judge, recv, send
+from ._support import SECRET as FIXED
 
 SECRET = "admin-secret-for-tests"
 NOW = 1_800_000_000_000
@@ -213,3 +215,24 @@ async def test_the_admin_command_line(
     )
     assert nobody.returncode == 1
     assert "no gateway instance answered" in nobody.stdout
+
+
+async def test_magi_client_keeps_broadcasts_apart_from_replies(
+    admin_settings: Settings,
+    start_gateway: Callable[[Settings], Awaitable[GatewayHandle]],
+    start_worker: Callable[..., Awaitable[Worker]],
+) -> None:
+    gateway = await start_gateway(admin_settings)
+    await start_worker([agents_for_tests.echo])
+    async with MagiClient(f"ws://127.0.0.1:{gateway.port}/ws", appid=APPID, secret=FIXED) as client:
+        answers = await send_command(admin_settings, SECRET, "broadcast", {"message": "first"}, 0.5)
+        assert sum(a["connections"] for a in answers) == 1
+        # A broadcast arriving while a reply is awaited is not taken for the reply.
+        pinging = asyncio.create_task(client.ping())
+        await send_command(admin_settings, SECRET, "broadcast", {"message": "second"}, 0.3)
+        await pinging
+        agents = await client.agents()
+        assert agents[0]["agent_id"] == "echo"
+        messages = [m async for m in client.judge("x", ["echo"])]
+        assert messages[-1]["type"] == "agent_judgement_complete"
+    assert list(client.broadcasts) == ["first", "second"]

@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ._redis import connect, redis_errors
+from ._redis import connect, open_pubsub, redis_errors
 from .admin import MAX_BROADCAST_CHARS, AdminCommand, CommandName, sign_command
 from .errors import BackendUnavailable
 from .keys import Keys
@@ -50,7 +50,7 @@ async def send_command(
     answers: list[dict[str, Any]] = []
     try:
         with redis_errors():
-            pubsub = redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = await open_pubsub(redis)
             await pubsub.subscribe(reply_to)
             try:
                 signed = sign_command(AdminCommand(command, now_ms(), nonce, reply_to, args), secret)

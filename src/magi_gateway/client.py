@@ -110,6 +110,8 @@ class MagiClient:
         self._tasks: set[asyncio.Task[None]] = set()
         #: Sessions this client cancelled: errors about them answer no request.
         self._cancelled: set[str] = set()
+        #: Operators' broadcast messages, newest last (bounded: the oldest are dropped).
+        self.broadcasts: deque[str] = deque(maxlen=100)
 
     def token(self) -> str:
         """A token for this minute."""
@@ -227,6 +229,9 @@ class MagiClient:
     # -- messages --------------------------------------------------------------------
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "broadcast":
+            self.broadcasts.append(str(message.get("message", "")))
+            return  # not a reply to anything
         session_id = message.get("session_id")
         if message.get("type") == "agent_judgement_accepted":
             for waiter in self._waiters:

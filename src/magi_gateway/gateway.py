@@ -23,12 +23,11 @@ from collections.abc import Coroutine
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from . import metrics, protocol
 from ._delivery import Delivery
-from ._redis import Backoff, connect, redis_errors
+from ._redis import Backoff, RedisClient, connect, open_pubsub, redis_errors
 from ._tasks import cancel_and_wait
 from ._types import AgentId, AppId, ConnectionId, InstanceId, SessionId
 from .admin import AdminCommand, AdminError, CommandChecker
@@ -66,7 +65,7 @@ _ADMIN_MAX_SESSIONS = 1000
 class Gateway:
     """One gateway instance."""
 
-    def __init__(self, settings: Settings, *, redis: Redis | None = None) -> None:
+    def __init__(self, settings: Settings, *, redis: RedisClient | None = None) -> None:
         self.settings = settings
         self.instance_id = InstanceId(secrets.token_hex(8))
         self.keys = Keys(settings.redis_key_prefix)
@@ -355,8 +354,8 @@ class Gateway:
         while True:
             pubsub: PubSub | None = None
             try:
-                pubsub = self._notifications.pubsub(ignore_subscribe_messages=True)
                 with redis_errors():
+                    pubsub = await open_pubsub(self._notifications)
                     await pubsub.subscribe(channel, admin_channel)
                 if backoff.failures:
                     metrics.REDIS_RECONNECTS.inc()

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ResponseError
 
-from ._redis import redis_errors
+from ._redis import RedisClient, redis_errors
 from ._types import AgentId
 from .errors import BackendUnavailable
 from .keys import WORKER_GROUP, Keys
@@ -47,7 +47,7 @@ class AgentStats:
 class Liveness:
     """Heartbeats, live workers and agent queue statistics."""
 
-    redis: Redis
+    redis: RedisClient
     keys: Keys
 
     async def heartbeat(self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int) -> None:
@@ -69,7 +69,7 @@ class Liveness:
                 await pipe.execute()
 
     @staticmethod
-    def _extend_expiry(pipe: Pipeline, key: str, ttl_ms: int) -> None:
+    def _extend_expiry(pipe: Pipeline | ClusterPipeline, key: str, ttl_ms: int) -> None:
         # Shared keys: a worker with a short TTL must not cut another worker's longer one.
         # NX gives a fresh key its first expiry; GT only ever pushes an expiry later.
         pipe.pexpire(key, ttl_ms, nx=True)

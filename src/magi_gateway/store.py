@@ -10,16 +10,17 @@ worker, timeout or cancel); the writer of the last final also writes the
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from . import protocol
-from ._redis import redis_errors
+from ._redis import RedisClient, redis_errors
 from ._types import AgentId, AppId, InstanceId, SessionId
 from .errors import BackendUnavailable
 from .keys import Keys
@@ -116,7 +117,7 @@ class Store(Liveness):
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         keys: Keys,
         *,
         retention_s: int = 600,
@@ -288,26 +289,26 @@ class Store(Liveness):
     async def append_streams(
         self, chunks: Sequence[tuple[SessionId, AgentId, dict[str, Any]]]
     ) -> list[AppendResult]:
-        """Append several thinking chunks (of any sessions) in one round trip, in order."""
+        """Append several thinking chunks (of any sessions) in one round trip, in order.
+
+        On a Redis Cluster, whose pipelines refuse scripts, the appends run concurrently
+        instead (one round trip of latency, a command each).
+        """
+        if isinstance(self.redis, RedisCluster):
+            return list(await asyncio.gather(*(self.append_stream(s, a, d) for s, a, d in chunks)))
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 for session_id, agent_id, data in chunks:
-                    await self._append(
-                        keys=self.keys.session(session_id).all(),
-                        args=self._append_args(
-                            session_id,
-                            "stream",
-                            "agent_judgement_stream",
-                            protocol.stream_tail(agent_id, data),
-                            agent_id,
-                        ),
-                        client=pipe,
-                    )
+                    keys = self.keys.session(session_id).all()
+                    tail = protocol.stream_tail(agent_id, data)
+                    args = self._append_args(session_id, "stream", "agent_judgement_stream", tail, agent_id)
+                    pipe.evalsha(self._append.sha, len(keys), *keys, *args)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
         results: list[AppendResult] = []
         for (session_id, agent_id, data), reply in zip(chunks, replies, strict=True):
             if isinstance(reply, NoScriptError):
-                # A cluster pipeline does not preload scripts; the single path does.
+                # The script is not loaded (a new or restarted server, or a cluster node):
+                # the single path loads it.
                 results.append(await self.append_stream(session_id, agent_id, data))
             elif isinstance(reply, Exception):
                 raise BackendUnavailable("Backend temporarily unavailable") from reply

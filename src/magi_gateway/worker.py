@@ -26,10 +26,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
-from ._redis import Backoff, connect, redis_errors
+from ._redis import Backoff, RedisClient, connect, open_pubsub, redis_errors
 from ._tasks import cancel_and_wait
 from ._types import AgentId, SessionId
 from .appender import ChunkAppender
@@ -70,7 +70,7 @@ class Worker:
         *,
         concurrency: int | None = None,
         burst: bool = False,
-        redis: Redis | None = None,
+        redis: RedisClient | None = None,
         grace_s: float = 10.0,
     ) -> None:
         if not agents:
@@ -254,9 +254,10 @@ class Worker:
     async def _listen_for_cancels(self) -> None:
         backoff = Backoff.for_settings(self.settings)
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub: PubSub | None = None
             try:
                 with redis_errors():
+                    pubsub = await open_pubsub(self.redis)
                     await pubsub.subscribe(self.keys.cancel_channel)
                     backoff.reset()
                     async for message in pubsub.listen():  # blocking read: see Gateway._listen
@@ -264,7 +265,8 @@ class Worker:
             except BackendUnavailable:
                 await asyncio.sleep(backoff.next_delay())
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                if pubsub is not None:
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _cancel_session(self, session_id: SessionId) -> None:
         for job in self._jobs.values():

@@ -327,6 +327,8 @@ function handleMessage(message) {
   } else if (message.type === "agents") {
     agents = Array.isArray(message.agents) ? message.agents : [];
     renderAgents();
+  } else if (message.type === "broadcast") {
+    notice(`Operator: ${String(message.message ?? "")}`, "broadcast", "info");
   } else if (typeof message.seq === "number" && message.session_id) {
     handleSessionMessage(message);
   }
