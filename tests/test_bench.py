@@ -62,6 +62,22 @@ def test_bench_relay_smoke(tmp_path: Path) -> None:
     assert machine["python"]
 
 
+def test_bench_relay_over_two_gateways_and_two_workers(tmp_path: Path) -> None:
+    data = _bench(
+        tmp_path,
+        "relay",
+        *("--clients", "4", "--chunks", "5", "--bytes", "64", "--seconds", "2"),
+        *("--gateways", "2", "--workers", "2", "--no-limit"),
+    )
+    assert (data["gateways"], data["workers"]) == (2, 2)
+    assert data["errors"] == {}
+    for key in ("chunks_per_s", "gateway_cpu_us_per_chunk", "worker_cpu_us_per_chunk", "gateway_rss_kb"):
+        value = data[key]
+        assert isinstance(value, int | float), key
+        assert value > 0, key
+    assert data["cpu_ratio_to_limit"] is None  # no baseline measured
+
+
 def test_bench_idle_smoke(tmp_path: Path) -> None:
     data = _bench(tmp_path, "idle", "--connections", "50")
     for key in IDLE_KEYS:

@@ -79,6 +79,8 @@ def relay(
     deflate: Annotated[bool, typer.Option(help="Clients offer permessage-deflate")] = False,
     limit: Annotated[bool, typer.Option(help="Also measure the limit baseline relay")] = True,
     loadgen_procs: Annotated[int, typer.Option(min=1, help="Load generator processes")] = 1,
+    gateways: Annotated[int, typer.Option(min=1, help="Gateway processes (clients spread over them)")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Bench worker processes")] = 1,
     redis_max_connections: Annotated[
         int | None,
         typer.Option(min=1, help="Redis pool size of gateway and worker (REDIS_URL ?max_connections=)"),
@@ -93,7 +95,7 @@ def relay(
     byte_counts = _int_list(chunk_bytes, SWEEP_BYTES if sweep else [100], "--bytes")
     warmup_s = warmup if warmup is not None else min(3.0, max(0.5, seconds / 4))
     points = [
-        RelayPoint(c, chunks, b, seconds, warmup_s, delay, deflate, loadgen_procs)
+        RelayPoint(c, chunks, b, seconds, warmup_s, delay, deflate, loadgen_procs, gateways, workers)
         for b in byte_counts
         for c in client_counts
     ]

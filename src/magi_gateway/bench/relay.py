@@ -45,6 +45,9 @@ class RelayPoint:
     delay_s: float = 0.0
     deflate: bool = False
     loadgen_procs: int = 1
+    #: Gateway processes sharing the load (clients spread over them), and bench workers.
+    gateways: int = 1
+    workers: int = 1
 
 
 def _ms(value_us: float | None) -> float | None:
@@ -72,12 +75,24 @@ class _Window:
 
 
 def _run_window(
-    h: Harness, point: RelayPoint, configs: list[LoadgenConfig], server: Child, worker: Child, label: str
+    h: Harness,
+    point: RelayPoint,
+    configs: list[LoadgenConfig],
+    servers: Sequence[Child],
+    workers: Sequence[Child],
+    label: str,
 ) -> tuple[list[dict[str, Any]], _Window]:
-    """Start the load generators, run warm-up and window, collect their results."""
+    """Start the load generators, run warm-up and window, collect their results.
+
+    With several gateways or workers, a role's CPU and RSS are their sums.
+    """
     loadgens = h.start_loadgens(f"{label}-loadgen", configs)
-    watch = [server, worker, *loadgens]
-    pids = {"gateway": server.pid, "worker": worker.pid, "redis": h.redis_pid}
+    watch = [*servers, *workers, *loadgens]
+    pids = {
+        "gateway": [server.pid for server in servers],
+        "worker": [worker.pid for worker in workers],
+        "redis": [h.redis_pid],
+    }
     try:
         ready = wait_files(configs, "ready", timeout_s=60 + point.clients / 20, watch=watch)
         connected = sum(int(r["connected"]) for r in ready)
@@ -88,21 +103,25 @@ def _run_window(
         signal_all(configs, "go", {"t0_ns": t0_ns, "t1_ns": t1_ns})
         loadavg = os.getloadavg()[0]
         sleep_until(t0_ns, watch)
-        cpu0 = {name: cpu_us(pid) for name, pid in pids.items()}
+        cpu0 = {name: sum(cpu_us(pid) for pid in group) for name, group in pids.items()}
         lg0 = sum(cpu_us(lg.pid) for lg in loadgens)
         host0, all0 = host_cpu_ticks(), all_cpu_us()
         sleep_until(t1_ns, watch)
-        cpu1 = {name: cpu_us(pid) for name, pid in pids.items()}
+        cpu1 = {name: sum(cpu_us(pid) for pid in group) for name, group in pids.items()}
         lg1 = sum(cpu_us(lg.pid) for lg in loadgens)
         host1, all1 = host_cpu_ticks(), all_cpu_us()
-        rss = {name: rss_kb(pid) for name, pid in pids.items() if name != "redis"}
+        rss = {name: sum(rss_kb(pid) for pid in group) for name, group in pids.items() if name != "redis"}
         results = wait_files(
-            configs, "result", timeout_s=_REQUEST_TIMEOUT_S + 30, watch=[server, worker], writers=loadgens
+            configs,
+            "result",
+            timeout_s=_REQUEST_TIMEOUT_S + 30,
+            watch=[*servers, *workers],
+            writers=loadgens,
         )
     finally:
         for loadgen in loadgens:
             h.children.stop(loadgen)
-    ours = {*pids.values(), *(lg.pid for lg in loadgens), os.getpid()}
+    ours = {*(pid for group in pids.values() for pid in group), *(lg.pid for lg in loadgens), os.getpid()}
     others: Counter[str] = Counter()
     for pid, (name, used) in all1.items():
         if pid not in ours:
@@ -167,16 +186,16 @@ def _summarize(results: list[dict[str, Any]], window: _Window) -> dict[str, Any]
 def _measure(
     h: Harness,
     point: RelayPoint,
-    url: str,
-    server: Child,
-    worker: Child,
+    urls: Sequence[str],
+    servers: Sequence[Child],
+    workers: Sequence[Child],
     label: str,
 ) -> dict[str, Any]:
-    """Drive ``point``'s load against ``url`` and measure the window."""
+    """Drive ``point``'s load against ``urls`` (clients spread over them); measure the window."""
     configs = [
         LoadgenConfig(
             mode="relay",
-            url=url,
+            url=urls[i % len(urls)],
             appid=APPID,
             secret=h.secret,
             clients=count,
@@ -187,9 +206,9 @@ def _measure(
             stagger_s=min(point.warmup_s, _STAGGER_S),
             name=f"lg{i}",
         )
-        for i, count in enumerate(split(point.clients, point.loadgen_procs))
+        for i, count in enumerate(split(point.clients, max(point.loadgen_procs, len(urls))))
     ]
-    results, window = _run_window(h, point, configs, server, worker, label)
+    results, window = _run_window(h, point, configs, servers, workers, label)
     return _summarize(results, window)
 
 
@@ -208,6 +227,8 @@ def _point_result(
         "delay_s": point.delay_s,
         "deflate": point.deflate,
         "loadgen_procs": point.loadgen_procs,
+        "gateways": point.gateways,
+        "workers": point.workers,
         "redis_max_connections": redis_max_connections,
     }
     result.update({("chunks_delivered" if k == "chunks" else k): v for k, v in product.items()})
@@ -236,41 +257,53 @@ def run_relay(
     concurrency = max(p.clients for p in points) + _EXTRA_FRAMES
     with harness(workdir, keep=keep, redis_max_connections=redis_max_connections) as h:
         progress(f"work dir {h.workdir}")
-        by_agent = itertools.groupby(points, key=lambda p: (p.chunks, p.chunk_bytes, p.delay_s))
-        for run, ((chunks, chunk_bytes, delay_s), group) in enumerate(by_agent):
-            worker = h.start_worker(
-                f"worker-{run}",
-                chunks=chunks,
-                chunk_bytes=chunk_bytes,
-                delay_s=delay_s,
-                concurrency=concurrency,
-            )
+        by_agent = itertools.groupby(points, key=lambda p: (p.chunks, p.chunk_bytes, p.delay_s, p.workers))
+        for run, ((chunks, chunk_bytes, delay_s, worker_count), group) in enumerate(by_agent):
+            workers = [
+                h.start_worker(
+                    f"worker-{run}-{i}",
+                    chunks=chunks,
+                    chunk_bytes=chunk_bytes,
+                    delay_s=delay_s,
+                    concurrency=concurrency,
+                )
+                for i in range(worker_count)
+            ]
             for index, point in enumerate(group):
                 label = f"p{run}-{index}"
                 what = f"C={point.clients} K={point.chunks} B={point.chunk_bytes} T={point.seconds:g}s"
                 progress(f"gateway  {what}")
-                gateway, port = h.start_gateway(
-                    f"{label}-gateway",
-                    max_messages_per_s=1_000_000,
-                    message_burst=1_000_000,
-                    max_connections_per_app=max(1000, 2 * point.clients),
-                    max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
-                )
+                started = [
+                    h.start_gateway(
+                        f"{label}-gateway-{i}",
+                        max_messages_per_s=1_000_000,
+                        message_burst=1_000_000,
+                        max_connections_per_app=max(1000, 2 * point.clients),
+                        max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
+                    )
+                    for i in range(point.gateways)
+                ]
+                gateways = [child for child, _port in started]
+                urls = [f"ws://127.0.0.1:{port}/ws" for _child, port in started]
                 try:
-                    product = _measure(h, point, f"ws://127.0.0.1:{port}/ws", gateway, worker, label)
+                    product = _measure(h, point, urls, gateways, workers, label)
                 finally:
-                    h.children.stop(gateway)
+                    for gateway in gateways:
+                        h.children.stop(gateway)
                 baseline = None
                 if limit:
                     progress(f"limit    {what}")
                     server, port = h.start_limit(f"{label}-limit")
                     try:
-                        baseline = _measure(h, point, f"ws://127.0.0.1:{port}/", server, worker, label + "L")
+                        baseline = _measure(
+                            h, point, [f"ws://127.0.0.1:{port}/"], [server], workers, label + "L"
+                        )
                     finally:
                         h.children.stop(server)
                 results.append(_point_result(point, product, baseline, redis_max_connections))
                 if product["errors"] or (baseline and baseline["errors"]):
                     h.keep = True
                     progress(f"errors seen: logs kept in {h.workdir}")
-            h.children.stop(worker)
+            for worker in workers:
+                h.children.stop(worker)
     return results

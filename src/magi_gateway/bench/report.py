@@ -51,6 +51,8 @@ def relay_table(results: Sequence[dict[str, Any]]) -> Table:
             f"relay: {r['clients']} clients, {r['chunks']} chunks x {r['bytes']} B, "
             f"{r['seconds']:g} s (warm-up {r['warmup_s']:g} s, delay {r['delay_s']:g} s)"
         )
+        if r.get("gateways", 1) > 1 or r.get("workers", 1) > 1:
+            title += f"; {r['gateways']} gateways, {r['workers']} workers (CPU and RSS summed)"
         table = Table(title=title)
         table.add_column("metric")
         table.add_column("gateway", justify="right")
