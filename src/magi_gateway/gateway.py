@@ -452,16 +452,22 @@ class Gateway:
         return await self.store.live_agents()
 
     async def ready(self, timeout_s: float = 1.0) -> bool:
-        """Whether a Redis round trip and a notification loopback both work now."""
+        """Whether a Redis write and a notification loopback both work now (within ``timeout_s``).
+
+        The write matters behind Sentinel: a master refusing writes (``min-replicas-to-write``
+        during a failover) still delivers publishes.
+        """
         if not self.accepting or not self._subscribed.is_set():
             return False
         token = secrets.token_hex(8).encode()
         probe: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._probes[token] = probe
         try:
-            with redis_errors():
-                await self.redis.publish(self.keys.gateway_channel(self.instance_id), b"\n0\n" + token)
-            await asyncio.wait_for(probe, timeout_s)
+            async with asyncio.timeout(timeout_s):
+                with redis_errors():
+                    await self.redis.set(self.keys.ready_probe(self.instance_id), token, px=5000)
+                    await self.redis.publish(self.keys.gateway_channel(self.instance_id), b"\n0\n" + token)
+                await probe
             return True
         except (BackendUnavailable, TimeoutError):
             return False

@@ -15,6 +15,7 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
     P:cancel             channel  session ids whose agents workers must stop
     P:admin              channel  signed admin commands, for every gateway instance
+    P:ready:INSTANCE     string   written by /readyz to prove Redis takes writes (5 s expiry)
     P:admin:reply:NONCE  channel  the instances' answers to one admin command
 
 The original system's lists, used by ``LegacyBridge`` (``L`` is ``LEGACY_LIST_PREFIX``,
@@ -119,6 +120,10 @@ class Keys:
     def cancel_channel(self) -> str:
         """Where gateways announce cancelled sessions to workers."""
         return f"{self.prefix}:cancel"
+
+    def ready_probe(self, instance_id: InstanceId) -> str:
+        """The key ``/readyz`` writes, to prove Redis accepts writes."""
+        return f"{self.prefix}:ready:{instance_id}"
 
     @property
     def admin_channel(self) -> str:
