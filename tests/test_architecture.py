@@ -20,7 +20,7 @@ assert SPEC.submodule_search_locations is not None
 PACKAGE_DIR = Path(next(iter(SPEC.submodule_search_locations)))
 ALL_MODULES = sorted(PACKAGE_DIR.rglob("*.py"))
 
-CORE_MODULES = ["_types", "errors", "auth", "session", "protocol"]
+CORE_MODULES = ["_types", "errors", "auth", "session", "protocol", "admin", "ratelimit"]
 IO_PACKAGES = {"asyncio", "redis", "starlette", "uvicorn", "websockets", "fastapi", "anyio", "httpx"}
 
 _ISOLATED_IMPORT = """

@@ -2,10 +2,10 @@
 
 Each running agent awaits its chunk before streaming the next, so at most one chunk
 per job is waiting here: the queue is bounded by the worker's concurrency (overflow
-policy: none needed, callers wait). A chunk that arrives while no round trip is in
-flight goes at once, alone; chunks arriving during a round trip go together in the
-next one (a pipeline of appends), so a busy worker pays one round trip per batch
-instead of one per chunk, and an idle one adds no delay.
+policy: none needed, callers wait). A chunk that arrives while fewer than
+``max_in_flight`` round trips are in flight goes at once; chunks arriving while all are
+busy go together in the next free one (a pipeline of appends), so a busy worker pays one
+round trip per batch instead of one per chunk, and a lightly loaded one adds no delay.
 
 Profiling the worker under ``magi-gateway bench relay`` showed the per-chunk
 ``EVALSHA`` round trip (socket write, event-loop wake-up, pool checkout, reply
@@ -27,13 +27,25 @@ _Pending = tuple[SessionId, AgentId, dict[str, Any], "asyncio.Future[AppendResul
 
 
 class ChunkAppender:
-    """Batches ``Store.append_streams`` calls from concurrent agents."""
+    """Batches ``Store.append_streams`` calls from concurrent agents.
 
-    def __init__(self, store: Store, *, max_batch: int = 64) -> None:
+    Up to ``max_in_flight`` round trips run at once: below that, a chunk goes at once
+    (no waiting behind another batch); once they are all busy, chunks queue for the
+    next free one, which takes up to ``max_batch`` of them. One in flight measured best:
+    with 100 agents streaming 1,430 chunks/s, the wait per chunk was p50/p99 4.2/9.7 ms
+    with one, 5.5/18.6 ms with four, 10.2/20.1 ms with sixteen (more round trips in
+    flight make each slower, and batches no smaller).
+    """
+
+    def __init__(self, store: Store, *, max_batch: int = 64, max_in_flight: int = 1) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self._queue: list[_Pending] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
+        # Counted here, not by the task set: a finished flusher leaves the set only in a
+        # later callback, and a chunk queued meanwhile must still find one running.
+        self._in_flight = 0
         #: Round trips made and chunks written (for tests and benchmarks).
         self.round_trips = 0
         self.chunks = 0
@@ -42,14 +54,17 @@ class ChunkAppender:
         """Append one chunk; returns once it is in the session log (or was refused)."""
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append((session_id, agent_id, data, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush(), name="magi-chunk-appender")
+        if self._in_flight < self.max_in_flight:
+            self._in_flight += 1
+            task = asyncio.create_task(self._flush(), name="magi-chunk-appender")
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
         return await future
 
     async def aclose(self) -> None:
-        """Wait for the round trip in flight, if any (callers are gone or waiting)."""
-        if self._flusher is not None:
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        """Wait for the round trips in flight, if any (callers are gone or waiting)."""
+        if self._flushers:
+            await asyncio.gather(*self._flushers, return_exceptions=True)
 
     async def _flush(self) -> None:
         try:
@@ -76,9 +91,10 @@ class ChunkAppender:
                     if not future.done():
                         future.set_result(result)
         finally:
-            self._flusher = None
-            # Cancelled mid-batch (shutdown): nobody will answer the rest.
-            for *_, future in self._queue:
-                if not future.done():
-                    future.set_exception(BackendUnavailable("worker stopping"))
-            self._queue.clear()
+            self._in_flight -= 1
+            if not self._in_flight:
+                # The last flusher cancelled mid-batch (shutdown): nobody will answer the rest.
+                for *_, future in self._queue:
+                    if not future.done():
+                        future.set_exception(BackendUnavailable("worker stopping"))
+                self._queue.clear()
