@@ -910,16 +910,17 @@ def test_deploy_doc_explains_every_variable(compose: dict[str, Any], objects: li
 
 #: Figures the sizing guide quotes; BENCHMARKS.md must still say them.
 QUOTED_BENCHMARKS = (
-    "2,741",
-    "164 µs",
-    "248 µs",
-    "325 µs",
-    "445",
-    "95 µs",
-    "146",
-    "33.7 KiB",
-    "653",
-    "1,459 µs",
+    "6,601",
+    "108 µs",
+    "166 µs",
+    "96 µs",
+    "180 µs",
+    "48 µs",
+    "79 µs",
+    "33.9 KiB",
+    "774",
+    "1,232 µs",
+    "4,807",
 )
 
 
