@@ -62,16 +62,22 @@ def test_bench_relay_smoke(tmp_path: Path) -> None:
     assert machine["python"]
 
 
-def test_bench_relay_over_two_gateways_and_two_workers(tmp_path: Path) -> None:
+def test_bench_relay_scaled_out_on_a_redis_cluster(tmp_path: Path) -> None:
     data = _bench(
         tmp_path,
         "relay",
         *("--clients", "4", "--chunks", "5", "--bytes", "64", "--seconds", "2"),
-        *("--gateways", "2", "--workers", "2", "--no-limit"),
+        *("--gateways", "2", "--workers", "2", "--redis-cluster", "3", "--no-limit"),
     )
-    assert (data["gateways"], data["workers"]) == (2, 2)
+    assert (data["gateways"], data["workers"], data["redis_cluster_masters"]) == (2, 2, 3)
     assert data["errors"] == {}
-    for key in ("chunks_per_s", "gateway_cpu_us_per_chunk", "worker_cpu_us_per_chunk", "gateway_rss_kb"):
+    for key in (
+        "chunks_per_s",
+        "gateway_cpu_us_per_chunk",
+        "worker_cpu_us_per_chunk",
+        "redis_cpu_us_per_chunk",
+        "gateway_rss_kb",
+    ):
         value = data[key]
         assert isinstance(value, int | float), key
         assert value > 0, key

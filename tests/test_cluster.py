@@ -1,4 +1,5 @@
-"""The gateway and workers on a local 3-master Redis Cluster (same binary as the other fixtures).
+"""The gateway and workers on a local 3-master Redis Cluster (same binary as the other fixtures,
+started by ``embedded.LocalCluster``).
 
 ``redis_url`` and ``redis_client`` are overridden for this module, so the end-to-end
 and resume tests imported below run unchanged against the cluster; the tests of this
@@ -17,11 +18,11 @@ import redis
 
 from magi_gateway._redis import RedisClient, connect, parse_cluster_url
 from magi_gateway.agents import BenchAgent
+from magi_gateway.embedded import LocalCluster
 from magi_gateway.settings import Settings
 from magi_gateway.worker import Worker
 
 from . import agents_for_tests
-from ._cluster import LocalCluster
 from ._support import (
     GatewayHandle,
     assert_well_formed,

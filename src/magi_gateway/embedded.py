@@ -15,8 +15,12 @@ import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-__all__ = ["RedisServer", "RedisServerError", "find_redis_server", "free_port"]
+__all__ = ["LocalCluster", "RedisServer", "RedisServerError", "find_redis_server", "free_port"]
+
+#: Hash slots of a Redis Cluster.
+CLUSTER_SLOTS = 16384
 
 
 class RedisServerError(RuntimeError):
@@ -157,6 +161,102 @@ class RedisServer:
         self.process = None
 
     def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalCluster:
+    """A Redis Cluster of ``masters`` cluster-mode servers on 127.0.0.1 (tests, benchmarks).
+
+    Slots are assigned with ``CLUSTER ADDSLOTSRANGE`` and the nodes introduced with
+    ``CLUSTER MEET``, so no ``redis-cli --cluster create`` (not shipped by every
+    distribution of the server) is needed. No replicas: a node lost is a shard lost.
+    """
+
+    def __init__(
+        self, data_dir: str | os.PathLike[str], masters: int = 3, *, persistence: bool = True
+    ) -> None:
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.nodes = [
+            RedisServer(
+                Path(data_dir) / f"node{i}",
+                persistence=persistence,
+                fsync="always",
+                extra_args=(
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    str(self.bus_ports[i]),
+                ),
+            )
+            for i in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        """``REDIS_URL`` for the gateway and workers: the cluster scheme, every node as a seed."""
+        seeds = ",".join(f"{n.host}:{n.port}" for n in self.nodes)
+        return f"redis+cluster://{seeds}"
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the running nodes."""
+        return [n.process.pid for n in self.nodes if n.process is not None]
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the nodes, split the slots between them, wait for ``cluster_state:ok``."""
+        import redis  # the sync client, only needed here
+
+        for node in self.nodes:
+            node.start()
+        clients = [redis.Redis(host=n.host, port=n.port) for n in self.nodes]
+        try:
+            share = CLUSTER_SLOTS // len(clients)
+            for i, client in enumerate(clients):
+                last = CLUSTER_SLOTS - 1 if i == len(clients) - 1 else (i + 1) * share - 1
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", i * share, last)  # type: ignore[no-untyped-call]
+            for node, bus_port in zip(self.nodes[1:], self.bus_ports[1:], strict=True):
+                clients[0].execute_command("CLUSTER", "MEET", node.host, node.port, bus_port)  # type: ignore[no-untyped-call]
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                if all(self._ready(c) for c in clients):
+                    return
+                time.sleep(0.1)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            for client in clients:
+                client.close()
+        self.stop()
+        raise RedisServerError("the local cluster did not reach cluster_state:ok")
+
+    def _ready(self, client: Any) -> bool:
+        info = client.execute_command("CLUSTER", "INFO")
+        text = info.decode() if isinstance(info, bytes) else str(info)
+        fields = dict(line.split(":", 1) for line in text.split() if ":" in line)
+        return fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(
+            len(self.nodes)
+        )
+
+    def stop(self) -> None:
+        """Stop every node."""
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 

@@ -24,7 +24,7 @@ import orjson
 import redis
 
 from .._types import AgentId
-from ..embedded import RedisServer, free_port
+from ..embedded import LocalCluster, RedisServer, free_port
 from ..keys import Keys
 from ..settings import Settings
 from ..store import now_ms
@@ -49,6 +49,8 @@ AGENT = AgentId("bench")
 PREFIX = "bench"
 _START_TIMEOUT_S = 60.0
 
+SyncClient = redis.Redis | redis.RedisCluster
+
 
 def split(total: int, parts: int) -> list[int]:
     """``total`` as ``parts`` near-equal positive counts (fewer parts when ``total`` is small)."""
@@ -62,7 +64,8 @@ class Harness:
 
     workdir: Path
     children: Children
-    redis: RedisServer
+    #: One server, or a local cluster (``--redis-cluster``).
+    redis: RedisServer | LocalCluster
     secret: str
     #: ``max_connections`` of the gateway's and worker's Redis pools (None: redis-py's default).
     redis_max_connections: int | None = None
@@ -72,15 +75,24 @@ class Harness:
     @property
     def product_redis_url(self) -> str:
         """``REDIS_URL`` for the gateway and the worker."""
-        if self.redis_max_connections is None:
+        if self.redis_max_connections is None or isinstance(self.redis, LocalCluster):
             return self.redis.url
         return f"{self.redis.url}?max_connections={self.redis_max_connections}"
 
     @property
-    def redis_pid(self) -> int:
-        """PID of the Redis server."""
+    def redis_pids(self) -> list[int]:
+        """PIDs of the Redis server, or of every cluster node."""
+        if isinstance(self.redis, LocalCluster):
+            return self.redis.pids
         assert self.redis.process is not None
-        return self.redis.process.pid
+        return [self.redis.process.pid]
+
+    def sync_client(self) -> SyncClient:
+        """A synchronous client of the benchmark's Redis, for the harness's own checks."""
+        if isinstance(self.redis, LocalCluster):
+            node = self.redis.nodes[0]
+            return redis.RedisCluster(host=node.host, port=node.port)
+        return redis.Redis.from_url(self.redis.url)
 
     def env(self, **settings: object) -> dict[str, str]:
         """Environment for a child: the caller's minus gateway settings, plus ``settings``."""
@@ -105,6 +117,8 @@ class Harness:
 
     def start_limit(self, name: str) -> tuple[Child, int]:
         """The baseline relay on a free port; returns once it accepts connections."""
+        if isinstance(self.redis, LocalCluster):
+            raise BenchError("the limit baseline runs on one Redis server only (use --no-limit)")
         port = free_port()
         args = ["--port", str(port), "--redis-url", self.redis.url, "--prefix", PREFIX]
         child = self.children.start(name, python_module("magi_gateway.bench.limit", *args), self.env())
@@ -127,7 +141,7 @@ class Harness:
         ]
         env = self.env(worker_concurrency=concurrency)
         child = self.children.start(name, python_module("magi_gateway", *args), env)
-        client = redis.Redis.from_url(self.redis.url)
+        client = self.sync_client()
         workers = Keys(PREFIX).workers(AGENT)
         try:
             wait_for(
@@ -199,15 +213,27 @@ def sleep_until(deadline_ns: int, watch: Sequence[Child]) -> None:
 
 @contextlib.contextmanager
 def harness(
-    workdir: Path | None = None, *, keep: bool = False, redis_max_connections: int | None = None
+    workdir: Path | None = None,
+    *,
+    keep: bool = False,
+    redis_max_connections: int | None = None,
+    cluster_masters: int = 0,
 ) -> Iterator[Harness]:
-    """Redis and a process registry in ``workdir`` (a temp dir, removed after success)."""
+    """Redis (or a cluster of ``cluster_masters`` nodes) and a process registry in ``workdir``.
+
+    ``workdir`` defaults to a temp dir, removed after success.
+    """
     created = workdir is None
     root = Path(tempfile.mkdtemp(prefix="magi-bench-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     ok = False
     try:
-        with RedisServer(root / "redis", persistence=False) as server, Children(root) as children:
+        server: RedisServer | LocalCluster = (
+            LocalCluster(root / "redis", cluster_masters, persistence=False)
+            if cluster_masters
+            else RedisServer(root / "redis", persistence=False)
+        )
+        with server, Children(root) as children:
             h = Harness(root, children, server, secrets.token_urlsafe(12), redis_max_connections, keep)
             yield h
         ok = not h.keep

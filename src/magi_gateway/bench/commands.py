@@ -81,6 +81,9 @@ def relay(
     loadgen_procs: Annotated[int, typer.Option(min=1, help="Load generator processes")] = 1,
     gateways: Annotated[int, typer.Option(min=1, help="Gateway processes (clients spread over them)")] = 1,
     workers: Annotated[int, typer.Option(min=1, help="Bench worker processes")] = 1,
+    redis_cluster: Annotated[
+        int, typer.Option(min=0, help="Run on a local Redis Cluster of N masters (0: one server)")
+    ] = 0,
     redis_max_connections: Annotated[
         int | None,
         typer.Option(min=1, help="Redis pool size of gateway and worker (REDIS_URL ?max_connections=)"),
@@ -108,9 +111,12 @@ def relay(
             workdir=work_dir,
             keep=keep,
             redis_max_connections=redis_max_connections,
+            cluster_masters=redis_cluster,
             progress=_progress,
         )
 
+    if redis_cluster and limit:
+        raise typer.BadParameter("the limit baseline needs one Redis server: add --no-limit")
     results: list[dict[str, Any]] = _run("relay", body)
     # A sweep's table is wide: not squeezed into 80 columns when output is not a terminal.
     (console if console.is_terminal else Console(width=160)).print(relay_table(results))

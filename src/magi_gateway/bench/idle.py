@@ -122,7 +122,7 @@ def run_idle(
         cpu1 = cpu_us(gateway.pid)
         lg1 = sum(cpu_us(lg.pid) for lg in loadgens)
         all1 = all_cpu_us()
-        ours = {gateway.pid, h.redis_pid, os.getpid(), *(lg.pid for lg in loadgens)}
+        ours = {gateway.pid, *h.redis_pids, os.getpid(), *(lg.pid for lg in loadgens)}
         others_us = sum(
             used - all0.get(pid, ("", 0))[1] for pid, (_, used) in all1.items() if pid not in ours
         )

@@ -91,7 +91,7 @@ def _run_window(
     pids = {
         "gateway": [server.pid for server in servers],
         "worker": [worker.pid for worker in workers],
-        "redis": [h.redis_pid],
+        "redis": h.redis_pids,
     }
     try:
         ready = wait_files(configs, "ready", timeout_s=60 + point.clients / 20, watch=watch)
@@ -217,6 +217,7 @@ def _point_result(
     product: dict[str, Any],
     limit: dict[str, Any] | None,
     redis_max_connections: int | None,
+    cluster_masters: int = 0,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "clients": point.clients,
@@ -230,6 +231,7 @@ def _point_result(
         "gateways": point.gateways,
         "workers": point.workers,
         "redis_max_connections": redis_max_connections,
+        "redis_cluster_masters": cluster_masters,
     }
     result.update({("chunks_delivered" if k == "chunks" else k): v for k, v in product.items()})
     for key, value in (limit or {}).items():
@@ -246,6 +248,7 @@ def run_relay(
     workdir: Path | None = None,
     keep: bool = False,
     redis_max_connections: int | None = None,
+    cluster_masters: int = 0,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Measure every point (gateway, then baseline); one result dict per point.
@@ -255,7 +258,9 @@ def run_relay(
     """
     results: list[dict[str, Any]] = []
     concurrency = max(p.clients for p in points) + _EXTRA_FRAMES
-    with harness(workdir, keep=keep, redis_max_connections=redis_max_connections) as h:
+    with harness(
+        workdir, keep=keep, redis_max_connections=redis_max_connections, cluster_masters=cluster_masters
+    ) as h:
         progress(f"work dir {h.workdir}")
         by_agent = itertools.groupby(points, key=lambda p: (p.chunks, p.chunk_bytes, p.delay_s, p.workers))
         for run, ((chunks, chunk_bytes, delay_s, worker_count), group) in enumerate(by_agent):
@@ -300,7 +305,9 @@ def run_relay(
                         )
                     finally:
                         h.children.stop(server)
-                results.append(_point_result(point, product, baseline, redis_max_connections))
+                results.append(
+                    _point_result(point, product, baseline, redis_max_connections, cluster_masters)
+                )
                 if product["errors"] or (baseline and baseline["errors"]):
                     h.keep = True
                     progress(f"errors seen: logs kept in {h.workdir}")

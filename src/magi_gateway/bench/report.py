@@ -53,6 +53,8 @@ def relay_table(results: Sequence[dict[str, Any]]) -> Table:
         )
         if r.get("gateways", 1) > 1 or r.get("workers", 1) > 1:
             title += f"; {r['gateways']} gateways, {r['workers']} workers (CPU and RSS summed)"
+        if r.get("redis_cluster_masters"):
+            title += f"; Redis Cluster of {r['redis_cluster_masters']} masters"
         table = Table(title=title)
         table.add_column("metric")
         table.add_column("gateway", justify="right")
