@@ -73,6 +73,25 @@ def test_malformed_body_with_a_valid_signature_is_refused() -> None:
         CommandChecker(SECRET).check(signature + b"\n" + body, NOW)
 
 
+def test_a_command_for_another_deployment_is_refused() -> None:
+    ours = CommandChecker(SECRET, "prod:admin")
+    theirs = AdminCommand("broadcast", NOW, "n1", "reply", {"message": "hi"}, "staging:admin")
+    with pytest.raises(AdminError, match="another deployment"):
+        ours.check(sign_command(theirs, SECRET), NOW)
+    mine = AdminCommand("broadcast", NOW, "n2", "reply", {"message": "hi"}, "prod:admin")
+    assert ours.check(sign_command(mine, SECRET), NOW) == mine
+
+
+def test_a_command_name_that_is_not_a_string_is_malformed() -> None:
+    import hashlib
+    import hmac
+
+    body = orjson.dumps({"command": ["broadcast"], "ts": NOW, "nonce": "n", "reply_to": "r"})
+    signature = hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest().encode()
+    with pytest.raises(AdminError, match="malformed"):
+        CommandChecker(SECRET).check(signature + b"\n" + body, NOW)
+
+
 def test_without_a_secret_every_command_is_refused() -> None:
     with pytest.raises(AdminError, match="disabled"):
         CommandChecker(None).check(sign_command(command(), SECRET), NOW)

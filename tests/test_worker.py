@@ -286,6 +286,15 @@ async def test_chunk_appender_reports_refused_and_failed_appends(settings: Setti
     )
     assert [r.seq for r in results] == list(range(3, 11))
     assert appender.round_trips == 2
+    # A chunk that cannot be encoded fails its own agent only, not the batch it would join.
+    bad, good = await asyncio.gather(
+        appender.append(session_id, "solo", {"thinking": object()}),
+        appender.append(session_id, "solo", {"thinking": "fine"}),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, TypeError)
+    assert not isinstance(good, BaseException)
+    assert good.seq == 11
     broken = ChunkAppender(Store(Redis.from_url("redis://127.0.0.1:1"), store.keys))
     with pytest.raises(BackendUnavailable):
         await broken.append(session_id, "solo", {"thinking": "c"})

@@ -91,16 +91,17 @@ class Delivery:
     def push(self, session: LocalSession, seq: int, frame: bytes) -> None:
         """Hand one frame to the session's connection."""
         session.cursor.sent(seq)
-        session.connection.push(frame)
+        queued = session.connection.push(frame)
         kind = metrics.message_type(frame)
-        if session.started is not None:
+        if queued and session.started is not None:
             if kind == b"agent_judgement_stream" and not session.chunk_seen:
                 session.chunk_seen = True
                 metrics.TIME_TO_FIRST_CHUNK.observe(time.monotonic() - session.started)
             elif kind == b"agent_judgement_final":
                 metrics.TIME_TO_FINAL.observe(time.monotonic() - session.started)
         if kind == b"agent_judgement_complete":
-            metrics.SESSIONS_COMPLETED.inc()
+            if queued and session.started is not None:
+                metrics.SESSIONS_COMPLETED.inc()  # once, where it started (not on replays)
             self.untrack(session)
 
     def deliver(self, session_id: SessionId, seq: int, frame: bytes) -> None:

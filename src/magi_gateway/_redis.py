@@ -145,6 +145,9 @@ async def open_pubsub(client: RedisClient) -> PubSub:
     """
     if isinstance(client, RedisCluster):
         await client.initialize()
+        # A client used only for pub/sub never sees the MOVED replies that refresh the
+        # slot map: refresh it at each (re)subscription, or a failed-over node is kept.
+        await client.nodes_manager.initialize()
     return client.pubsub(ignore_subscribe_messages=True)
 
 

@@ -7,7 +7,9 @@ each one is signed with ``ADMIN_SECRET``::
 
     HEX(HMAC-SHA256(ADMIN_SECRET, BODY)) "\\n" BODY
 
-where ``BODY`` is the JSON object ``{"command", "args", "ts", "nonce", "reply_to"}``.
+where ``BODY`` is the JSON object ``{"command", "args", "ts", "nonce", "reply_to",
+"channel"}``; ``channel`` is the admin channel it was published on, so a command cannot
+be replayed into another deployment sharing the Redis and the secret.
 A gateway without ``ADMIN_SECRET`` ignores every command. A command is refused when
 its signature is wrong, when ``ts`` (ms) is more than ``MAX_AGE_MS`` from the
 gateway's clock, or when its nonce was seen already (a replay); seen nonces are
@@ -57,6 +59,8 @@ class AdminCommand:
     nonce: str
     reply_to: str
     args: dict[str, Any] = field(default_factory=dict)
+    #: The admin channel (hence the deployment) the command is meant for.
+    channel: str = ""
 
     def body(self) -> bytes:
         """The signed JSON body."""
@@ -67,6 +71,7 @@ class AdminCommand:
                 "ts": self.ts,
                 "nonce": self.nonce,
                 "reply_to": self.reply_to,
+                "channel": self.channel,
             }
         )
 
@@ -84,8 +89,9 @@ def sign_command(command: AdminCommand, secret: str) -> bytes:
 class CommandChecker:
     """Verifies published commands for one gateway instance."""
 
-    def __init__(self, secret: str | None) -> None:
+    def __init__(self, secret: str | None, channel: str = "") -> None:
         self.secret = secret
+        self.channel = channel
         self._seen: OrderedDict[str, None] = OrderedDict()
 
     def check(self, message: bytes, now_ms: int) -> AdminCommand:
@@ -97,17 +103,23 @@ class CommandChecker:
             raise AdminError("bad signature")
         try:
             raw = orjson.loads(body)
+            name = raw["command"]
+            if not isinstance(name, str):
+                raise TypeError("command is not a string")
             command = AdminCommand(
-                command=raw["command"],
+                command=name,  # type: ignore[arg-type]  # checked against COMMANDS below
                 ts=int(raw["ts"]),
                 nonce=str(raw["nonce"]),
                 reply_to=str(raw["reply_to"]),
                 args=dict(raw.get("args") or {}),
+                channel=str(raw.get("channel", "")),
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise AdminError(f"malformed command: {exc}") from exc
         if command.command not in COMMANDS:
             raise AdminError(f"unknown command {command.command!r}")
+        if command.channel != self.channel:
+            raise AdminError("command meant for another deployment")
         _check_args(command)
         if abs(now_ms - command.ts) > MAX_AGE_MS:
             raise AdminError("command too old (or clocks too far apart)")

@@ -53,13 +53,18 @@ async def send_command(
             pubsub = await open_pubsub(redis)
             await pubsub.subscribe(reply_to)
             try:
-                signed = sign_command(AdminCommand(command, now_ms(), nonce, reply_to, args), secret)
+                signed = sign_command(
+                    AdminCommand(command, now_ms(), nonce, reply_to, args, keys.admin_channel), secret
+                )
                 await redis.publish(keys.admin_channel, signed)
                 deadline = time.monotonic() + wait_s
                 while (left := deadline - time.monotonic()) > 0:
                     message = await pubsub.get_message(timeout=left)
                     if message is not None:
-                        answers.append(orjson.loads(message["data"]))
+                        try:
+                            answers.append(orjson.loads(message["data"]))
+                        except orjson.JSONDecodeError:
+                            continue  # not an instance's answer
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
     finally:
@@ -139,7 +144,11 @@ def disconnect_app(
 def sessions(secret: _SecretOption = None, wait: _WaitOption = 1.0, as_json: _JsonOption = False) -> None:
     """Sessions being delivered by each instance, and how many run across the deployment."""
     answers = _run("sessions", {}, secret, wait)
-    running = asyncio.run(_running_sessions(Settings()))
+    try:
+        running = asyncio.run(_running_sessions(Settings()))
+    except BackendUnavailable as exc:
+        console.print(f"[red]Redis unavailable: {exc.__cause__}[/red]")
+        raise typer.Exit(1) from exc
     if as_json:
         console.print_json(orjson.dumps({"running": running, "instances": answers}).decode())
         return

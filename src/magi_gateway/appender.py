@@ -15,15 +15,20 @@ parse) as its largest cost; see BENCHMARKS.md for the measured effect.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
+from . import protocol
+from ._tasks import cancel_and_wait
 from ._types import AgentId, SessionId
 from .errors import BackendUnavailable
 from .store import AppendResult, Store
 
 __all__ = ["ChunkAppender"]
 
-_Pending = tuple[SessionId, AgentId, dict[str, Any], "asyncio.Future[AppendResult]"]
+logger = logging.getLogger(__name__)
+
+_Pending = tuple[SessionId, AgentId, bytes, "asyncio.Future[AppendResult]"]
 
 
 class ChunkAppender:
@@ -51,9 +56,14 @@ class ChunkAppender:
         self.chunks = 0
 
     async def append(self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]) -> AppendResult:
-        """Append one chunk; returns once it is in the session log (or was refused)."""
+        """Append one chunk; returns once it is in the session log (or was refused).
+
+        The chunk is encoded here, in the agent's task: data that cannot be encoded fails
+        that agent (``TypeError``), not the batch it would have joined.
+        """
+        tail = protocol.stream_tail(agent_id, data)
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append((session_id, agent_id, data, future))
+        self._queue.append((session_id, agent_id, tail, future))
         if self._in_flight < self.max_in_flight:
             self._in_flight += 1
             task = asyncio.create_task(self._flush(), name="magi-chunk-appender")
@@ -61,10 +71,11 @@ class ChunkAppender:
             task.add_done_callback(self._flushers.discard)
         return await future
 
-    async def aclose(self) -> None:
-        """Wait for the round trips in flight, if any (callers are gone or waiting)."""
+    async def aclose(self, timeout_s: float = 5.0) -> None:
+        """Wait up to ``timeout_s`` for the round trips in flight, then cancel them."""
         if self._flushers:
-            await asyncio.gather(*self._flushers, return_exceptions=True)
+            _done, pending = await asyncio.wait(set(self._flushers), timeout=timeout_s)
+            await cancel_and_wait(pending)
 
     async def _flush(self) -> None:
         try:
@@ -74,21 +85,35 @@ class ChunkAppender:
                 if not batch:
                     continue
                 try:
-                    results = await self.store.append_streams([(s, a, d) for s, a, d, _ in batch])
-                except BaseException as exc:
-                    # Each waiter gets its own exception (the sink retries BackendUnavailable).
+                    results = await self.store.append_streams([(s, a, t) for s, a, t, _ in batch])
+                except BackendUnavailable as exc:
+                    # The round trip failed as a whole. Each waiter gets its own exception
+                    # (the sink retries BackendUnavailable).
                     for *_, future in batch:
                         if not future.done():
-                            failure = BackendUnavailable(str(exc) or "worker stopping")
-                            failure.__cause__ = exc.__cause__ if isinstance(exc, BackendUnavailable) else exc
+                            failure = BackendUnavailable(str(exc))
+                            failure.__cause__ = exc.__cause__
                             future.set_exception(failure)
-                    if isinstance(exc, BackendUnavailable):
-                        continue
+                    continue
+                except asyncio.CancelledError:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(BackendUnavailable("worker stopping"))
                     raise
+                except Exception as exc:  # a bug, not an outage: fail the batch loudly, once
+                    logger.exception("appending a batch of chunks failed")
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
                 self.round_trips += 1
                 self.chunks += len(batch)
                 for (*_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
+                    if future.done():
+                        continue
+                    if isinstance(result, BackendUnavailable):
+                        future.set_exception(result)
+                    else:
                         future.set_result(result)
         finally:
             self._in_flight -= 1

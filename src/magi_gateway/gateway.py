@@ -58,6 +58,8 @@ _SWEEP_INTERVAL_S = 0.2
 _STOP_TIMEOUT_S = 5.0
 _CREATION_WAIT_POLLS = 20
 _CREATION_WAIT_POLL_S = 0.05
+#: How long a ``/metrics`` scrape waits for Redis before showing the last known values.
+_METRICS_TIMEOUT_S = 1.0
 #: Sessions one instance lists in its answer to ``admin sessions``.
 _ADMIN_MAX_SESSIONS = 1000
 
@@ -92,7 +94,7 @@ class Gateway:
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._probes: dict[bytes, asyncio.Future[None]] = {}
-        self._admin = CommandChecker(settings.admin_secret)
+        self._admin = CommandChecker(settings.admin_secret, self.keys.admin_channel)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -187,7 +189,7 @@ class Gateway:
 
     async def handle_frame(self, connection: Connection, frame: str | bytes) -> None:
         """Act on one client frame; every failure becomes an error frame, never a raise."""
-        metrics.BYTES_IN.inc(len(frame))
+        metrics.BYTES_IN.inc(len(frame.encode()) if isinstance(frame, str) else len(frame))
         kind = "invalid"
         try:
             if connection.rate_limit is not None and not connection.rate_limit.allow(time.monotonic()):
@@ -356,7 +358,8 @@ class Gateway:
             try:
                 with redis_errors():
                     pubsub = await open_pubsub(self._notifications)
-                    await pubsub.subscribe(channel, admin_channel)
+                    # Without ADMIN_SECRET every command would be refused: not even listened to.
+                    await pubsub.subscribe(channel, *([admin_channel] if self.settings.admin_secret else []))
                 if backoff.failures:
                     metrics.REDIS_RECONNECTS.inc()
                     logger.info("notification subscription restored")
@@ -367,10 +370,14 @@ class Gateway:
                     # A blocking read: cancellation of a read with a timeout can be lost
                     # when both happen at once (asyncio.timeout in 3.11), hanging shutdown.
                     async for message in pubsub.listen():
-                        if message["channel"] == admin_channel_bytes:
-                            self._on_admin(message["data"])
-                        else:
-                            self._on_notification(message["data"])
+                        try:
+                            if message["channel"] == admin_channel_bytes:
+                                self._on_admin(message["data"])
+                            else:
+                                self._on_notification(message["data"])
+                        except Exception:
+                            # A malformed message must not end the listener of every session.
+                            logger.exception("could not handle a message on %r", message["channel"])
             except BackendUnavailable as exc:
                 self._subscribed.clear()
                 delay = backoff.next_delay()
@@ -434,9 +441,10 @@ class Gateway:
     async def refresh_metrics(self) -> None:
         """Set the gauges that describe Redis (all instances), for a ``/metrics`` scrape."""
         try:
-            running = await self.store.running_sessions()
-            stats = await self.store.agent_stats()
-        except BackendUnavailable:
+            async with asyncio.timeout(_METRICS_TIMEOUT_S):  # a scrape must not hang on Redis
+                running = await self.store.running_sessions()
+                stats = await self.store.agent_stats()
+        except (BackendUnavailable, TimeoutError):
             metrics.REDIS_ERRORS.inc()
             return  # the scrape shows the last known values; /readyz says why
         metrics.SESSIONS.labels("running").set(running)

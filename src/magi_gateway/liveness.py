@@ -103,7 +103,7 @@ class Liveness:
                 with redis_errors():
                     groups: Any = await self.redis.xinfo_groups(self.keys.requests(agent_id))
             except BackendUnavailable as exc:
-                if not isinstance(exc.__cause__, ResponseError):
+                if not (isinstance(exc.__cause__, ResponseError) and "no such key" in str(exc.__cause__)):
                     raise
                 groups = []  # no stream yet: nothing queued
             for group in groups:

@@ -42,7 +42,7 @@ SESSIONS = Gauge(
 )
 SESSIONS_STARTED = Counter("magi_sessions_started", "Judgement sessions started on this instance")
 SESSIONS_COMPLETED = Counter(
-    "magi_sessions_completed", "agent_judgement_complete messages delivered to this instance's clients"
+    "magi_sessions_completed", "Sessions started on this instance whose complete reached the client here"
 )
 MESSAGES_IN = Counter("magi_messages_in", "Client frames received, by type", ["type"])
 MESSAGES_OUT = Counter("magi_messages_out", "Messages queued to clients, by type", ["type"])
@@ -62,7 +62,7 @@ RESUMES = Counter("magi_resumes", "Resume requests, by outcome (ok, not_found, e
 AUTH_FAILURES = Counter("magi_auth_failures", "Rejected WebSocket authentications, by reason", ["reason"])
 CLIENT_ERRORS = Counter("magi_client_errors", "Error frames sent to clients", ["code"])
 REDIS_RECONNECTS = Counter("magi_redis_reconnects", "Notification subscription reconnects")
-REDIS_ERRORS = Counter("magi_redis_errors", "Redis operations that failed (backend unavailable)")
+REDIS_ERRORS = Counter("magi_redis_errors", "Redis reads for a /metrics scrape that failed or timed out")
 AGENT_QUEUE_LAG = Gauge(
     "magi_agent_queue_lag", "Requests in an agent's stream not yet read by any worker", ["agent"]
 )

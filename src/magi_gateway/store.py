@@ -277,44 +277,49 @@ class Store(Liveness):
         self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]
     ) -> AppendResult:
         """Append a thinking chunk; dropped once the agent has its final or the log is full."""
-        reply = await self._run_append(
-            session_id,
-            "stream",
-            "agent_judgement_stream",
-            protocol.stream_tail(agent_id, data),
-            agent_id,
-        )
-        return AppendResult(reply[0] if reply[0] > 0 else None)
+        return await self._append_tail(session_id, agent_id, protocol.stream_tail(agent_id, data))
 
     async def append_streams(
-        self, chunks: Sequence[tuple[SessionId, AgentId, dict[str, Any]]]
-    ) -> list[AppendResult]:
-        """Append several thinking chunks (of any sessions) in one round trip, in order.
+        self, chunks: Sequence[tuple[SessionId, AgentId, bytes]]
+    ) -> list[AppendResult | BackendUnavailable]:
+        """Append several encoded chunks (``protocol.stream_tail``) in one round trip, in order.
 
-        On a Redis Cluster, whose pipelines refuse scripts, the appends run concurrently
-        instead (one round trip of latency, a command each).
+        Returns one outcome per chunk, so a failure fails only its own chunk. (When the
+        connection drops mid-pipeline nobody knows which appends ran: all of them fail,
+        and a retry may log some twice, as a single chunk whose reply was lost.) On a
+        Redis Cluster, whose pipelines refuse scripts, the appends run concurrently.
         """
         if isinstance(self.redis, RedisCluster):
-            return list(await asyncio.gather(*(self.append_stream(s, a, d) for s, a, d in chunks)))
+            done = await asyncio.gather(
+                *(self._append_tail(s, a, t) for s, a, t in chunks), return_exceptions=True
+            )
+            return [_outcome(result) for result in done]
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                for session_id, agent_id, data in chunks:
+                for session_id, agent_id, tail in chunks:
                     keys = self.keys.session(session_id).all()
-                    tail = protocol.stream_tail(agent_id, data)
                     args = self._append_args(session_id, "stream", "agent_judgement_stream", tail, agent_id)
                     pipe.evalsha(self._append.sha, len(keys), *keys, *args)
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
-        results: list[AppendResult] = []
-        for (session_id, agent_id, data), reply in zip(chunks, replies, strict=True):
+        results: list[AppendResult | BackendUnavailable] = []
+        for (session_id, agent_id, tail), reply in zip(chunks, replies, strict=True):
             if isinstance(reply, NoScriptError):
-                # The script is not loaded (a new or restarted server, or a cluster node):
-                # the single path loads it.
-                results.append(await self.append_stream(session_id, agent_id, data))
+                # The script is not loaded (a new or restarted server): the single path loads it.
+                try:
+                    results.append(await self._append_tail(session_id, agent_id, tail))
+                except BackendUnavailable as exc:
+                    results.append(exc)
             elif isinstance(reply, Exception):
-                raise BackendUnavailable("Backend temporarily unavailable") from reply
+                failure = BackendUnavailable("Backend temporarily unavailable")
+                failure.__cause__ = reply
+                results.append(failure)
             else:
                 results.append(AppendResult(reply[0] if reply[0] > 0 else None))
         return results
+
+    async def _append_tail(self, session_id: SessionId, agent_id: AgentId, tail: bytes) -> AppendResult:
+        reply = await self._run_append(session_id, "stream", "agent_judgement_stream", tail, agent_id)
+        return AppendResult(reply[0] if reply[0] > 0 else None)
 
     async def append_final(
         self,
@@ -411,3 +416,14 @@ class Store(Liveness):
                 )
                 pipe.pexpire(stream, REQUEST_STREAM_TTL_MS)
                 await pipe.execute()
+
+
+def _outcome(result: AppendResult | BaseException) -> AppendResult | BackendUnavailable:
+    """A concurrent append's result, any failure as ``BackendUnavailable`` (it is Redis's)."""
+    if isinstance(result, AppendResult | BackendUnavailable):
+        return result
+    if isinstance(result, Exception):
+        failure = BackendUnavailable("Backend temporarily unavailable")
+        failure.__cause__ = result
+        return failure
+    raise result  # CancelledError and the like: not an outcome
