@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from magi_gateway.admin_commands import send_command
 from magi_gateway.agents import demo_agents
 from magi_gateway.errors import CLOSE_TRY_AGAIN_LATER
 from magi_gateway.settings import Settings
@@ -296,6 +297,26 @@ async def test_wrong_secret_shows_auth_failed_and_does_not_retry(
         await console.page.get_attribute("#status", "data-history") == "disconnected connecting auth_failed"
     )
     assert await console.page.is_enabled("#connect")
+
+
+async def test_an_operator_broadcast_shows_as_a_notice_and_then_disconnect_app(
+    settings: Settings, start_gateway: StartGateway, console: Console
+) -> None:
+    admin = settings.model_copy(update={"admin_secret": "console-admin"})
+    gateway = await start_gateway(admin)
+    await console.open(gateway)
+    await console.connect()
+    await console.expect_state("connected")
+    await send_command(admin, "console-admin", "broadcast", {"message": "Maintenance at 18:00"}, 0.5)
+    notice = console.page.locator(".notice[data-code=broadcast]")
+    await expect(notice).to_contain_text("Operator: Maintenance at 18:00", timeout=WAIT_MS)
+    await expect(notice).to_have_class("notice info")
+    # Disconnected by the operator (4002): the console reconnects on its own.
+    answers = await send_command(admin, "console-admin", "disconnect-app", {"appid": APPID}, 0.5)
+    assert sum(a["connections"] for a in answers) == 1
+    await console.wait_for("document.querySelector('#status').dataset.history.includes('reconnecting')")
+    await console.expect_state("connected")
+    assert console.errors == []
 
 
 async def test_debug_token_connects_and_cancel_stops_the_agents(
