@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any, TypeVar
 
 import orjson
 import typer
@@ -33,6 +34,8 @@ app = typer.Typer(
     help="Act on every gateway instance through Redis (needs ADMIN_SECRET).", no_args_is_help=True
 )
 console = Console()
+
+T = TypeVar("T")
 
 _SecretOption = Annotated[str | None, typer.Option(help="Admin secret [env ADMIN_SECRET]")]
 _WaitOption = Annotated[float, typer.Option(help="Seconds to collect the instances' answers")]
@@ -79,13 +82,27 @@ def _secret(given: str | None, settings: Settings) -> str:
     return secret
 
 
-def _run(command: CommandName, args: dict[str, Any], secret: str | None, wait: float) -> list[dict[str, Any]]:
-    settings = Settings()
+def _redis_call(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``; Redis being unreachable ends the command with a message (exit 1)."""
     try:
-        answers = asyncio.run(send_command(settings, _secret(secret, settings), command, args, wait))
+        return asyncio.run(work)
     except BackendUnavailable as exc:
         console.print(f"[red]Redis unavailable: {exc.__cause__}[/red]")
         raise typer.Exit(1) from exc
+
+
+async def _from_store(settings: Settings, read: Callable[[Store], Awaitable[T]]) -> T:
+    """``read`` on a Store of a connection of its own."""
+    redis = connect(settings, client_name="magi-admin")
+    try:
+        return await read(Store(redis, Keys(settings.redis_key_prefix)))
+    finally:
+        await redis.aclose()
+
+
+def _run(command: CommandName, args: dict[str, Any], secret: str | None, wait: float) -> list[dict[str, Any]]:
+    settings = Settings()
+    answers = _redis_call(send_command(settings, _secret(secret, settings), command, args, wait))
     if not answers:
         console.print("[yellow]no gateway instance answered (none running, or ADMIN_SECRET differs)[/yellow]")
         raise typer.Exit(1)
@@ -144,11 +161,7 @@ def disconnect_app(
 def sessions(secret: _SecretOption = None, wait: _WaitOption = 1.0, as_json: _JsonOption = False) -> None:
     """Sessions being delivered by each instance, and how many run across the deployment."""
     answers = _run("sessions", {}, secret, wait)
-    try:
-        running = asyncio.run(_running_sessions(Settings()))
-    except BackendUnavailable as exc:
-        console.print(f"[red]Redis unavailable: {exc.__cause__}[/red]")
-        raise typer.Exit(1) from exc
+    running = _redis_call(_from_store(Settings(), Store.running_sessions))
     if as_json:
         console.print_json(orjson.dumps({"running": running, "instances": answers}).decode())
         return
@@ -166,33 +179,13 @@ def sessions(secret: _SecretOption = None, wait: _WaitOption = 1.0, as_json: _Js
     )
 
 
-async def _running_sessions(settings: Settings) -> int:
-    redis = connect(settings, client_name="magi-admin")
-    try:
-        return await Store(redis, Keys(settings.redis_key_prefix)).running_sessions()
-    finally:
-        await redis.aclose()
-
-
 @app.command()
 def agents(secret: _SecretOption = None, as_json: _JsonOption = False) -> None:
     """Agents with live workers, and their queues (read from Redis)."""
     settings = Settings()
     _secret(secret, settings)  # the same gate as the other commands
-
-    async def read() -> dict[str, Any]:
-        redis = connect(settings, client_name="magi-admin")
-        try:
-            stats = await Store(redis, Keys(settings.redis_key_prefix)).agent_stats()
-        finally:
-            await redis.aclose()
-        return {a: {"workers": s.workers, "lag": s.lag, "pending": s.pending} for a, s in stats.items()}
-
-    try:
-        found = asyncio.run(read())
-    except BackendUnavailable as exc:
-        console.print(f"[red]Redis unavailable: {exc.__cause__}[/red]")
-        raise typer.Exit(1) from exc
+    stats = _redis_call(_from_store(settings, Store.agent_stats))
+    found = {a: {"workers": s.workers, "lag": s.lag, "pending": s.pending} for a, s in stats.items()}
     if as_json:
         console.print_json(orjson.dumps(found).decode())
         return

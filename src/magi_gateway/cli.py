@@ -11,7 +11,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Protocol
 
 import typer
 import uvicorn
@@ -168,11 +168,25 @@ def load_agents(
     return agents
 
 
-async def _run_worker(worker: Worker) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+class _Runnable(Protocol):
+    """A worker or a legacy bridge: ``run`` until ``stop`` is called."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _run_until_signal(runnable: _Runnable) -> None:
+    """Run on uvloop (when installed) until done; SIGINT/SIGTERM call ``stop``."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, runnable.stop)
+        await runnable.run()
+
+    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
+        runner.run(main())
 
 
 @app.command()
@@ -211,8 +225,7 @@ def agent(
     )
     worker = Worker(agents, settings, concurrency=concurrency, burst=burst)
     console.print(f"worker {worker.worker_id} serving {', '.join(worker.agents)}", style="dim")
-    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-        runner.run(_run_worker(worker))
+    _run_until_signal(worker)
 
 
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -222,13 +235,6 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:  # pragma: no cover - a platform without uvloop wheels
         return None
     return uvloop.new_event_loop
-
-
-async def _run_bridge(bridge: LegacyBridge) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, bridge.stop)
-    await bridge.run()
 
 
 @app.command("legacy-bridge")
@@ -248,8 +254,7 @@ def legacy_bridge(
     console.print(
         f"legacy bridge {bridge.worker.worker_id} serving {', '.join(sorted(bridge.agent_ids))}", style="dim"
     )
-    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-        runner.run(_run_bridge(bridge))
+    _run_until_signal(bridge)
 
 
 @app.command()
