@@ -91,8 +91,8 @@ class Delivery:
     def push(self, session: LocalSession, seq: int, frame: bytes) -> None:
         """Hand one frame to the session's connection."""
         session.cursor.sent(seq)
-        queued = session.connection.push(frame)
         kind = metrics.message_type(frame)
+        queued = session.connection.push(frame, kind)
         if queued and session.started is not None:
             if kind == b"agent_judgement_stream" and not session.chunk_seen:
                 session.chunk_seen = True

@@ -55,8 +55,8 @@ class Connection:
         """Whether a close was requested; no more frames are accepted."""
         return self._close is not None
 
-    def push(self, frame: bytes) -> bool:
-        """Queue ``frame``; on overflow request a 1013 close and return False."""
+    def push(self, frame: bytes, kind: bytes | None = None) -> bool:
+        """Queue ``frame`` (of type ``kind``, if known); on overflow request a 1013 close and return False."""
         if self._close is not None:
             return False
         if len(self._frames) >= self.max_messages:
@@ -65,7 +65,7 @@ class Connection:
             return False
         self._frames.append(frame)
         self._wakeup.set()
-        metrics.count_out(frame)
+        metrics.count_out(frame, kind)
         return True
 
     def request_close(self, code: int, reason: str, *, flush: bool = False) -> None:

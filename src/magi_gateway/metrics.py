@@ -83,13 +83,14 @@ def message_type(frame: bytes) -> bytes:
     return b"other"
 
 
-def count_out(frame: bytes) -> None:
-    """Count one message queued to a client.
+def count_out(frame: bytes, kind: bytes | None = None) -> None:
+    """Count one message queued to a client; ``kind`` is its type when the caller has it.
 
     Label children are cached per type (this is the hot path); the cache is bounded by
     the protocol's few message types, anything past ``_MAX_TYPES`` counts as "other".
     """
-    kind = message_type(frame)
+    if kind is None:
+        kind = message_type(frame)
     counter = _OUT_BY_TYPE.get(kind)
     if counter is None:
         if len(_OUT_BY_TYPE) >= _MAX_TYPES:
