@@ -8,17 +8,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import orjson
 import websockets
 from redis.asyncio import Redis
 
 from magi_gateway import Context, Judgement, JudgementClosed, agent
-from magi_gateway.embedded import free_port
 from magi_gateway.sdk import FunctionAgent
 from magi_gateway.store import Store
 
-from ._support import GatewayHandle, SessionRecord, recv, spawn_process, stop_process
+from ._support import GatewayHandle, SessionRecord, recv, spawn_gateway
 
 DEMO = ["melchior", "balthasar", "casper"]
 
@@ -173,21 +171,5 @@ quick = make_quick("quick")
 
 
 def spawn_quiet_gateway(env: dict[str, str]) -> GatewayHandle:
-    """Like ``_support.spawn_gateway``, logging warnings only (its output goes to a pipe)."""
-    port = free_port()
-    process = spawn_process(
-        ["serve", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stop_process(process)
-            raise RuntimeError("gateway exited early")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return GatewayHandle(port=port, process=process)
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop_process(process)
-    raise RuntimeError("gateway did not become ready")
+    """``_support.spawn_gateway``, logging warnings only (its output goes to a pipe)."""
+    return spawn_gateway(env, log_level="warning")

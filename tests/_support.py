@@ -133,10 +133,11 @@ def spawn_process(args: list[str], env: dict[str, str]) -> subprocess.Popen[byte
     )
 
 
-def spawn_gateway(env: dict[str, str]) -> GatewayHandle:
+def spawn_gateway(env: dict[str, str], log_level: str | None = None) -> GatewayHandle:
     """A ``magi-gateway serve`` subprocess on a free port, once it is ready."""
     port = free_port()
-    process = spawn_process(["serve", "--host", "127.0.0.1", "--port", str(port)], env)
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    process = spawn_process([*args, "--log-level", log_level] if log_level else args, env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -148,7 +149,7 @@ def spawn_gateway(env: dict[str, str]) -> GatewayHandle:
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    process.kill()
+    stop_process(process)
     raise RuntimeError("gateway did not become ready")
 
 

@@ -230,12 +230,13 @@ def streamed(count: int) -> Callable[[SessionRecord], bool]:
 
 
 class Collector:
-    """Reads one connection in the background, grouping messages by session."""
+    """Reads one connection in the background, grouping messages (and receipt times) by session."""
 
     def __init__(self, ws: websockets.ClientConnection, sessions: int) -> None:
         self.ws = ws
         self.sessions = sessions
         self.records: dict[str, SessionRecord] = {}
+        self.times: dict[str, list[float]] = {}
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
@@ -244,6 +245,7 @@ class Collector:
             message = orjson.loads(await self.ws.recv())
             assert "error" not in message, message
             self.records.setdefault(message["session_id"], SessionRecord()).messages.append(message)
+            self.times.setdefault(message["session_id"], []).append(time.monotonic())
             if message["type"] == "agent_judgement_complete":
                 done += 1
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import orjson
 import pytest
-import websockets
 from redis.asyncio import Redis
 
 from magi_gateway._redis import SentinelURL, _FailoverPool, connect, parse_sentinel_url
@@ -38,6 +37,7 @@ from ._sentinel import SentinelGroup
 from ._support import SessionRecord, assert_well_formed, judgement_message, send
 from .test_faults import (
     AGENT,
+    Collector,
     Proc,
     bench_worker,
     process_env,
@@ -180,36 +180,11 @@ async def procs() -> AsyncIterator[list[Proc]]:
         await stop_all(started)
 
 
-class Reader:
-    """Reads one WebSocket in the background: each session's messages, with receipt times."""
-
-    def __init__(self, ws: websockets.ClientConnection, sessions: int) -> None:
-        self.ws = ws
-        self.sessions = sessions
-        self.records: dict[str, SessionRecord] = {}
-        self.times: dict[str, list[float]] = {}
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        done = 0
-        while done < self.sessions:
-            message = orjson.loads(await self.ws.recv())
-            assert "error" not in message, message
-            self.records.setdefault(message["session_id"], SessionRecord()).messages.append(message)
-            self.times.setdefault(message["session_id"], []).append(time.monotonic())
-            if message["type"] == "agent_judgement_complete":
-                done += 1
+class Reader(Collector):
+    """A ``Collector`` that also reads chunks per session and the gaps between messages."""
 
     def chunks(self, session_id: str) -> list[dict[str, Any]]:
         return self.records[session_id].of_type("agent_judgement_stream")
-
-    async def wait_chunks(self, count: int, timeout: float = 20) -> None:
-        async with asyncio.timeout(timeout):
-            while len(self.records) < self.sessions or any(len(self.chunks(s)) < count for s in self.records):
-                if self.task.done():
-                    self.task.result()
-                    raise AssertionError("sessions completed before the failover")
-                await asyncio.sleep(0.01)
 
     async def finish(self, timeout: float) -> dict[str, SessionRecord]:
         try:
@@ -246,7 +221,7 @@ async def sessions_through_failover(
         reader = Reader(ws, SESSIONS)
         for i in range(SESSIONS):
             await send(ws, judgement_message([AGENT], f"Question {i}?"))
-        await reader.wait_chunks(5)
+        await reader.wait_chunks(5, timeout=20)
         old = group.master_port()
         chunks_before = {s: len(reader.chunks(s)) for s in reader.records}
         triggered = time.monotonic()
