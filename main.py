@@ -3,7 +3,7 @@
 Configuration comes from the environment and ``.env`` (see README, Configuration).
 """
 
-from magi_gateway.app import create_app
+from magi_gateway.server.app import create_app
 from magi_gateway.settings import Settings
 
 settings = Settings()

@@ -13,8 +13,8 @@ import websockets
 from redis.asyncio import Redis
 
 from magi_gateway import Context, Judgement, JudgementClosed, agent
-from magi_gateway.sdk import FunctionAgent
-from magi_gateway.store import Store
+from magi_gateway.redis.store import Store
+from magi_gateway.worker.sdk import FunctionAgent
 
 from ._support import GatewayHandle, SessionRecord, recv, spawn_gateway
 

@@ -16,7 +16,7 @@ import websockets
 from starlette.applications import Starlette
 
 from magi_gateway.embedded import free_port
-from magi_gateway.gateway import Gateway
+from magi_gateway.server.gateway import Gateway
 
 SECRET = "test-secret"
 APPID = "test-app"

@@ -18,11 +18,11 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
-from magi_gateway.app import create_app
 from magi_gateway.embedded import RedisServer
-from magi_gateway.sdk import Agent
+from magi_gateway.server.app import create_app
 from magi_gateway.settings import Settings
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import Agent
 
 from ._support import SECRET, GatewayHandle
 

@@ -12,12 +12,12 @@ import orjson
 import pytest
 import websockets
 
-from magi_gateway.admin import MAX_AGE_MS, AdminCommand, AdminError, CommandChecker, sign_command
-from magi_gateway.admin_commands import send_command
+from magi_gateway.cli.admin import send_command
 from magi_gateway.client import MagiClient
-from magi_gateway.errors import CLOSE_ADMIN_DISCONNECT
+from magi_gateway.core.admin import MAX_AGE_MS, AdminCommand, AdminError, CommandChecker, sign_command
+from magi_gateway.core.errors import CLOSE_ADMIN_DISCONNECT
 from magi_gateway.settings import Settings
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
 from ._support import APPID, GatewayHandle, judge, recv, send

@@ -18,7 +18,7 @@ import websockets
 
 from magi_gateway.agents import AgentsConfigError, BenchAgent, DemoAgent, LLMAgent, load_agents_file
 from magi_gateway.agents.llm import load_persona
-from magi_gateway.cli import load_agents
+from magi_gateway.cli.main import load_agents
 from magi_gateway.embedded import free_port
 
 from . import agents_for_tests

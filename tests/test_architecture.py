@@ -20,7 +20,9 @@ assert SPEC.submodule_search_locations is not None
 PACKAGE_DIR = Path(next(iter(SPEC.submodule_search_locations)))
 ALL_MODULES = sorted(PACKAGE_DIR.rglob("*.py"))
 
-CORE_MODULES = ["_types", "errors", "auth", "session", "protocol", "admin", "ratelimit"]
+CORE_DIR = PACKAGE_DIR / "core"
+#: Every module of the core package, found on disk (not a hand list).
+CORE_MODULES = sorted(f"core.{p.stem}" for p in CORE_DIR.glob("*.py") if p.stem != "__init__")
 IO_PACKAGES = {"asyncio", "redis", "starlette", "uvicorn", "websockets", "fastapi", "anyio", "httpx"}
 
 _ISOLATED_IMPORT = """
@@ -28,6 +30,9 @@ import json, sys, types
 package = types.ModuleType("magi_gateway")
 package.__path__ = [sys.argv[1]]
 sys.modules["magi_gateway"] = package
+core = types.ModuleType("magi_gateway.core")
+core.__path__ = [sys.argv[1] + "/core"]
+sys.modules["magi_gateway.core"] = core
 before = set(sys.modules)
 import importlib
 files = {}
@@ -67,8 +72,12 @@ def test_core_modules_import_no_io_libraries() -> None:
     )
     report = json.loads(result.stdout)
     # The real files were loaded, and only them (not the package __init__ and its worker).
-    assert report["files"] == {name: str(PACKAGE_DIR / f"{name}.py") for name in CORE_MODULES}
-    assert report["package_modules"] == sorted(["magi_gateway"] + [f"magi_gateway.{n}" for n in CORE_MODULES])
+    assert report["files"] == {
+        name: str(PACKAGE_DIR / (name.replace(".", "/") + ".py")) for name in CORE_MODULES
+    }
+    assert report["package_modules"] == sorted(
+        ["magi_gateway", "magi_gateway.core"] + [f"magi_gateway.{n}" for n in CORE_MODULES]
+    )
     assert report["io_before"] == []
     assert report["io"] == []
 
@@ -76,7 +85,14 @@ def test_core_modules_import_no_io_libraries() -> None:
 def test_isolated_import_check_detects_io_imports() -> None:
     """Guard the guard: the same check run on an I/O module reports its imports."""
     result = subprocess.run(
-        [sys.executable, "-c", _ISOLATED_IMPORT, str(PACKAGE_DIR), '["keys", "_redis"]', '["redis"]'],
+        [
+            sys.executable,
+            "-c",
+            _ISOLATED_IMPORT,
+            str(PACKAGE_DIR),
+            '["redis.keys", "redis.client"]',
+            '["redis"]',
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -156,8 +172,13 @@ def test_public_module_defines_all(path: Path) -> None:
 
 def test_public_modules_are_found() -> None:
     names = {_module_name(p) for p in PUBLIC_MODULES}
-    assert {"magi_gateway", "magi_gateway.protocol", "magi_gateway.keys", "magi_gateway.agents"} <= names
-    assert "magi_gateway._types" not in names
+    assert {
+        "magi_gateway",
+        "magi_gateway.core.protocol",
+        "magi_gateway.redis.keys",
+        "magi_gateway.agents",
+    } <= names
+    assert "magi_gateway.cli._terminal" not in names
     assert "magi_gateway.__main__" not in names
 
 
@@ -177,7 +198,7 @@ def _key_literals(source: str) -> list[str]:
 
 def test_key_literal_patterns_match_keys_py() -> None:
     """Guard the guard: keys.py itself is full of such literals."""
-    assert len(_key_literals((PACKAGE_DIR / "keys.py").read_text(encoding="utf-8"))) >= 5
+    assert len(_key_literals((PACKAGE_DIR / "redis" / "keys.py").read_text(encoding="utf-8"))) >= 5
 
 
 @pytest.mark.parametrize("path", [p for p in ALL_MODULES if p.name != "keys.py"], ids=_module_name)
@@ -189,3 +210,17 @@ def test_redis_key_names_only_in_keys_module(path: Path) -> None:
 def test_module_at_most_500_lines(path: Path) -> None:
     lines = len(path.read_text(encoding="utf-8").splitlines())
     assert lines <= 500, f"{_module_name(path)} has {lines} lines"
+
+
+def test_import_contracts_hold() -> None:
+    """The import-linter contracts of pyproject.toml (core sans-I/O, arrows one way) are kept."""
+    lint = Path(sys.executable).parent / "lint-imports"
+    result = subprocess.run(
+        [str(lint)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=PACKAGE_DIR.parents[1],
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "broken" not in result.stdout.lower().replace("0 broken", "")

@@ -9,8 +9,8 @@ import orjson
 import pytest
 import websockets
 
-from magi_gateway.auth import FailureThrottle, TokenVerifier, compute_token, minute_of
-from magi_gateway.errors import CLOSE_AUTH_FAILED
+from magi_gateway.core.auth import FailureThrottle, TokenVerifier, compute_token, minute_of
+from magi_gateway.core.errors import CLOSE_AUTH_FAILED
 
 from ._support import APPID, SECRET, GatewayHandle, make_token, recv
 

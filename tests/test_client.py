@@ -11,11 +11,11 @@ from redis.asyncio import Redis
 
 from magi_gateway.agents import demo_agents
 from magi_gateway.client import ConnectionLost, MagiClient
-from magi_gateway.errors import AuthenticationFailed, GatewayError
-from magi_gateway.keys import Keys
+from magi_gateway.core.errors import AuthenticationFailed, GatewayError
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
-from magi_gateway.store import Store
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from ._delivery_helpers import (
     DEMO,

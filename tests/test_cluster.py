@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from magi_gateway._redis import RedisClient, connect, parse_cluster_url
 from magi_gateway.agents import BenchAgent
 from magi_gateway.embedded import LocalCluster
+from magi_gateway.redis.client import RedisClient, connect, parse_cluster_url
 from magi_gateway.settings import Settings
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
 from ._support import (

@@ -21,11 +21,11 @@ from typing import Any, NoReturn
 
 import pytest
 
-from magi_gateway.admin_commands import send_command
 from magi_gateway.agents import demo_agents
-from magi_gateway.errors import CLOSE_TRY_AGAIN_LATER
+from magi_gateway.cli.admin import send_command
+from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER
 from magi_gateway.settings import Settings
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from ._support import APPID, SECRET, GatewayHandle, make_token
 

@@ -14,10 +14,10 @@ import websockets
 from redis.asyncio import Redis
 
 from magi_gateway.agents import BenchAgent, demo_agents
-from magi_gateway.keys import WORKER_GROUP, Keys
+from magi_gateway.redis.keys import WORKER_GROUP, Keys
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
-from magi_gateway.store import Store
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from ._delivery_helpers import (
     DEMO,

@@ -38,14 +38,14 @@ from kubernetes_validate.utils import validate as validate_k8s
 from pydantic_settings import BaseSettings
 from starlette.routing import Mount
 
-from magi_gateway import gateway as gateway_module
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway.agents.llm import LLMSettings
-from magi_gateway.app import create_app
-from magi_gateway.cli import app as cli_app
-from magi_gateway.cli import load_agents
+from magi_gateway.cli.main import app as cli_app
+from magi_gateway.cli.main import load_agents
+from magi_gateway.server import gateway as gateway_module
+from magi_gateway.server.app import create_app
 from magi_gateway.settings import Settings
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -598,7 +598,7 @@ def test_dockerfile_builds_the_package_and_runs_the_gateway_unprivileged() -> No
     assert cmd == ["magi-gateway", "serve"]
     _cli_params(cmd)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert pyproject["project"]["scripts"]["magi-gateway"] == "magi_gateway.cli:main"
+    assert pyproject["project"]["scripts"]["magi-gateway"] == "magi_gateway.cli.main:main"
     exposed = [rest for keyword, rest in final if keyword == "EXPOSE"]
     assert exposed == [str(Settings.model_fields["port"].default)]
     assert any(

@@ -16,8 +16,8 @@ import httpx
 from redis.asyncio import Redis
 
 from magi_gateway.embedded import free_port
-from magi_gateway.keys import Keys
-from magi_gateway.store import Store
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import Store
 
 from ._support import (
     SECRET,

@@ -30,12 +30,12 @@ import websockets
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from magi_gateway._types import AgentId
 from magi_gateway.client import MagiClient
+from magi_gateway.core.ids import AgentId
 from magi_gateway.embedded import RedisServer
-from magi_gateway.keys import WORKER_GROUP, Keys
+from magi_gateway.redis.keys import WORKER_GROUP, Keys
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
-from magi_gateway.store import Store
 
 from ._support import (
     APPID,

@@ -1,4 +1,4 @@
-"""The bridge for backends of the original system (``magi_gateway.legacy``), on a real Redis.
+"""The bridge for backends of the original system (``magi_gateway.worker.legacy``), on a real Redis.
 
 The "original backend" here is written as the original one was: it pops requests from
 ``queue_agent_judgement`` with ``BLPOP`` and ``LPUSH``es JSON responses, with plain
@@ -18,19 +18,19 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from magi_gateway._types import AgentId, SessionId
-from magi_gateway.keys import Keys, LegacyKeys
-from magi_gateway.legacy import (
+from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.session import ResultCode, new_session_id
+from magi_gateway.redis.keys import Keys, LegacyKeys
+from magi_gateway.redis.store import Store, now_ms
+from magi_gateway.settings import Settings
+from magi_gateway.worker.legacy import (
     LegacyBridge,
     LegacyResponse,
     legacy_request,
     parse_legacy_response,
     resolve_agent,
 )
-from magi_gateway.session import ResultCode, new_session_id
-from magi_gateway.settings import Settings
-from magi_gateway.store import Store, now_ms
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
 from ._support import GatewayHandle, assert_well_formed, judge

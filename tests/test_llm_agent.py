@@ -32,10 +32,10 @@ from magi_gateway.agents import LLMAgent, LLMSettings
 from magi_gateway.agents._answer import NO_EXPLANATION, ThoughtBatcher, split_decision
 from magi_gateway.agents._chat import ChatFormatError, SSEDecoder, parse_event, provider_error
 from magi_gateway.agents.llm import load_persona
-from magi_gateway.cli import load_agents
+from magi_gateway.cli.main import load_agents
 from magi_gateway.embedded import free_port
 from magi_gateway.settings import Settings
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from ._support import LEAK_MARKERS, GatewayHandle, SessionRecord, assert_well_formed, judge, recv, send
 

@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from magi_gateway import Context, Judgement, agent
-from magi_gateway.keys import Keys
 from magi_gateway.logs import ContextIds, connection_id_var, formatter, session_id_var
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import AgentStats, Store
 from magi_gateway.settings import Settings
-from magi_gateway.store import AgentStats, Store
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
 from ._support import GatewayHandle, assert_well_formed, judge, recv, send
@@ -186,7 +186,7 @@ async def test_json_logs_carry_connection_and_session_ids(gateway: GatewayHandle
     failure = next(r for r in records if "unexpected error" in r.getMessage())
     line = orjson.loads(formatter("json").format(failure))
     assert line["level"] == "ERROR"
-    assert line["logger"] == "magi_gateway.gateway"
+    assert line["logger"] == "magi_gateway.server.gateway"
     assert line["connection_id"]
     assert line["connection_id"] in line["message"]
     assert len(line["session_id"]) == 32

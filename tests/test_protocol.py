@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from magi_gateway.errors import FrameTooLarge, ProtocolError, TooManyAgents
-from magi_gateway.protocol import (
+from magi_gateway.core.errors import FrameTooLarge, ProtocolError, TooManyAgents
+from magi_gateway.core.protocol import (
     AGENT_ID_PATTERN,
     Cancel,
     GetAgents,

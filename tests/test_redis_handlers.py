@@ -1,4 +1,4 @@
-"""The Redis side of sessions, requests and liveness (``magi_gateway.store``), on a real Redis.
+"""The Redis side of sessions, requests and liveness (``magi_gateway.redis.store``), on a real Redis.
 
 Also: two gateway instances sharing one Redis deliver each client exactly its own sessions.
 """
@@ -16,11 +16,11 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from magi_gateway.agents import demo_agents
-from magi_gateway.keys import Keys
-from magi_gateway.session import ResultCode, new_session_id
+from magi_gateway.core.session import ResultCode, new_session_id
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import Request, Store, now_ms
 from magi_gateway.settings import Settings
-from magi_gateway.store import Request, Store, now_ms
-from magi_gateway.worker import Worker
+from magi_gateway.worker.runner import Worker
 
 from ._support import (
     GatewayHandle,

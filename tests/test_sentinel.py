@@ -28,10 +28,10 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from magi_gateway._redis import SentinelURL, _FailoverPool, connect, parse_sentinel_url
-from magi_gateway.keys import Keys
+from magi_gateway.redis.client import SentinelURL, _FailoverPool, connect, parse_sentinel_url
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
-from magi_gateway.store import Store
 
 from ._sentinel import SentinelGroup
 from ._support import SessionRecord, assert_well_formed, judgement_message, send

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from magi_gateway.protocol import Cancel, Limits, parse_client_frame
-from magi_gateway.session import (
+from magi_gateway.core.protocol import Cancel, Limits, parse_client_frame
+from magi_gateway.core.session import (
     DECISIONS,
     DeliveryCursor,
     Gap,

@@ -18,15 +18,15 @@ from redis.asyncio import Redis
 
 from magi_gateway import Agent, Context, Judgement, JudgementClosed, agent
 from magi_gateway.agents import BenchAgent, DemoAgent
-from magi_gateway.appender import ChunkAppender
-from magi_gateway.cli import load_agents
-from magi_gateway.errors import BackendUnavailable
-from magi_gateway.keys import WORKER_GROUP, Keys
-from magi_gateway.sdk import FunctionAgent
-from magi_gateway.session import new_session_id
+from magi_gateway.cli.main import load_agents
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.session import new_session_id
+from magi_gateway.redis.keys import WORKER_GROUP, Keys
+from magi_gateway.redis.store import Store, now_ms
 from magi_gateway.settings import Settings
-from magi_gateway.store import Store, now_ms
-from magi_gateway.worker import Worker
+from magi_gateway.worker.appender import ChunkAppender
+from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import FunctionAgent
 
 from . import agents_for_tests
 from ._support import GatewayHandle, assert_well_formed, judge, recv

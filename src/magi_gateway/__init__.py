@@ -5,7 +5,7 @@ The public API here is the worker SDK: write an agent, run it with ``Worker``.
 
 from __future__ import annotations
 
-from .errors import (
+from magi_gateway.core.errors import (
     AgentError,
     AuthenticationFailed,
     BackendUnavailable,
@@ -13,10 +13,10 @@ from .errors import (
     ProtocolError,
     SessionNotFound,
 )
-from .sdk import Agent, Context, FunctionAgent, Judgement, JudgementClosed, agent
-from .session import ResultCode, compute_verdict
-from .settings import Settings
-from .worker import Worker
+from magi_gateway.core.session import ResultCode, compute_verdict
+from magi_gateway.settings import Settings
+from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import Agent, Context, FunctionAgent, Judgement, JudgementClosed, agent
 
 __all__ = [
     "Agent",

@@ -1,5 +1,5 @@
 """``python -m magi_gateway`` is the ``magi-gateway`` command."""
 
-from magi_gateway.cli import main
+from magi_gateway.cli.main import main
 
 main()

@@ -31,9 +31,9 @@ from urllib.parse import urlencode
 import orjson
 import websockets
 
-from ._tasks import cancel_and_wait
-from .auth import compute_token, minute_of
-from .errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
+from magi_gateway._tasks import cancel_and_wait
+from magi_gateway.core.auth import compute_token, minute_of
+from magi_gateway.core.errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
 
 __all__ = ["ConnectionLost", "MagiClient"]
 

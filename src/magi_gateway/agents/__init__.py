@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .bench import BenchAgent
-from .config import AgentsConfigError, load_agents_file
-from .demo import DEMO_AGENT_NAMES, DemoAgent, demo_agents
-from .llm import LLMAgent, LLMSettings
+from magi_gateway.agents.bench import BenchAgent
+from magi_gateway.agents.config import AgentsConfigError, load_agents_file
+from magi_gateway.agents.demo import DEMO_AGENT_NAMES, DemoAgent, demo_agents
+from magi_gateway.agents.llm import LLMAgent, LLMSettings
 
 __all__ = [
     "DEMO_AGENT_NAMES",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from ..sdk import Agent, Context, Judgement
+from magi_gateway.worker.sdk import Agent, Context, Judgement
 
 __all__ = ["BenchAgent", "chunk_sent_ns"]
 

@@ -29,11 +29,11 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 
-from ..protocol import AGENT_ID_PATTERN
-from ..sdk import Agent
-from .bench import BenchAgent
-from .demo import demo_agents
-from .llm import LLMAgent, LLMSettings
+from magi_gateway.agents.bench import BenchAgent
+from magi_gateway.agents.demo import demo_agents
+from magi_gateway.agents.llm import LLMAgent, LLMSettings
+from magi_gateway.core.protocol import AGENT_ID_PATTERN
+from magi_gateway.worker.sdk import Agent
 
 __all__ = ["AgentsConfigError", "import_agents", "load_agents_file", "make_llm_agent", "parse_agents_config"]
 

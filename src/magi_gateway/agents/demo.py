@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 
-from ..sdk import Agent, Context, Judgement
+from magi_gateway.worker.sdk import Agent, Context, Judgement
 
 __all__ = ["DEMO_AGENT_NAMES", "DemoAgent", "demo_agents"]
 

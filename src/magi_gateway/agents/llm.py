@@ -34,10 +34,17 @@ import httpx
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ..errors import AgentError
-from ..sdk import Agent, Context, Judgement
-from ._answer import ThoughtBatcher, split_decision
-from ._chat import ChatDelta, ChatFormatError, SSEDecoder, parse_completion, parse_event, provider_error
+from magi_gateway.agents._answer import ThoughtBatcher, split_decision
+from magi_gateway.agents._chat import (
+    ChatDelta,
+    ChatFormatError,
+    SSEDecoder,
+    parse_completion,
+    parse_event,
+    provider_error,
+)
+from magi_gateway.core.errors import AgentError
+from magi_gateway.worker.sdk import Agent, Context, Judgement
 
 __all__ = ["MAGI_PERSONAS", "PERSONAS", "LLMAgent", "LLMSettings", "load_persona"]
 

@@ -23,13 +23,21 @@ from typing import Any
 import orjson
 import redis
 
-from .._types import AgentId
-from ..embedded import LocalCluster, RedisServer, free_port
-from ..keys import Keys
-from ..settings import Settings
-from ..store import now_ms
-from ._procs import BenchError, Child, Children, python_module, wait_for, wait_http_ok, wait_tcp
-from .loadgen import LoadgenConfig, config_json, write_json
+from magi_gateway.bench._procs import (
+    BenchError,
+    Child,
+    Children,
+    python_module,
+    wait_for,
+    wait_http_ok,
+    wait_tcp,
+)
+from magi_gateway.bench.loadgen import LoadgenConfig, config_json, write_json
+from magi_gateway.core.ids import AgentId
+from magi_gateway.embedded import LocalCluster, RedisServer, free_port
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import now_ms
+from magi_gateway.settings import Settings
 
 __all__ = [
     "AGENT",

@@ -11,10 +11,10 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from ._procs import BenchError, machine_info
-from .idle import run_idle
-from .relay import RelayPoint, run_relay
-from .report import idle_plot, idle_table, relay_plot, relay_table, write_report
+from magi_gateway.bench._procs import BenchError, machine_info
+from magi_gateway.bench.idle import run_idle
+from magi_gateway.bench.relay import RelayPoint, run_relay
+from magi_gateway.bench.report import idle_plot, idle_table, relay_plot, relay_table, write_report
 
 __all__ = ["SWEEP_BYTES", "SWEEP_CLIENTS", "app"]
 

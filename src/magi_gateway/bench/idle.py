@@ -21,10 +21,18 @@ from urllib.parse import urlencode
 import orjson
 from websockets.sync.client import connect
 
-from ..auth import compute_token, minute_of
-from ._harness import APPID, harness, signal_all, split, wait_files
-from ._procs import BenchError, Child, all_cpu_us, cpu_us, raise_open_files_limit, rss_kb, wait_for
-from .loadgen import LoadgenConfig
+from magi_gateway.bench._harness import APPID, harness, signal_all, split, wait_files
+from magi_gateway.bench._procs import (
+    BenchError,
+    Child,
+    all_cpu_us,
+    cpu_us,
+    raise_open_files_limit,
+    rss_kb,
+    wait_for,
+)
+from magi_gateway.bench.loadgen import LoadgenConfig
+from magi_gateway.core.auth import compute_token, minute_of
 
 __all__ = ["run_idle"]
 

@@ -36,9 +36,9 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from ..agents.bench import chunk_sent_ns
-from ..auth import compute_token, minute_of
-from ._stats import Histogram
+from magi_gateway.agents.bench import chunk_sent_ns
+from magi_gateway.bench._stats import Histogram
+from magi_gateway.core.auth import compute_token, minute_of
 
 __all__ = ["LoadgenConfig", "config_json", "main", "write_json"]
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._harness import APPID, Harness, harness, signal_all, sleep_until, split, wait_files
-from ._procs import BenchError, Child, all_cpu_us, cpu_us, host_cpu_ticks, rss_kb
-from ._stats import Histogram
-from .loadgen import LoadgenConfig
+from magi_gateway.bench._harness import APPID, Harness, harness, signal_all, sleep_until, split, wait_files
+from magi_gateway.bench._procs import BenchError, Child, all_cpu_us, cpu_us, host_cpu_ticks, rss_kb
+from magi_gateway.bench._stats import Histogram
+from magi_gateway.bench.loadgen import LoadgenConfig
 
 __all__ = ["RelayPoint", "run_relay"]
 

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from rich.table import Table
 
-from ._procs import BenchError
+from magi_gateway.bench._procs import BenchError
 
 __all__ = ["idle_plot", "idle_table", "relay_plot", "relay_table", "write_report"]
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._types import AgentId, AppId, InstanceId, SessionId
+from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 
 __all__ = ["WORKER_GROUP", "Keys", "LegacyKeys", "SessionKeys"]
 

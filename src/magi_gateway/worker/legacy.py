@@ -37,16 +37,16 @@ from typing import Any, Literal
 
 import orjson
 
-from ._redis import Backoff, connect, redis_errors
-from ._tasks import cancel_and_wait
-from ._types import AgentId, SessionId
-from .errors import BackendUnavailable
-from .keys import Keys
-from .sdk import Agent, Context, Judgement, JudgementClosed
-from .session import ResultCode
-from .settings import Settings
-from .store import REQUEST_STREAM_TTL_MS, Store
-from .worker import Worker
+from magi_gateway._tasks import cancel_and_wait
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.session import ResultCode
+from magi_gateway.redis.client import Backoff, connect, redis_errors
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import REQUEST_STREAM_TTL_MS, Store
+from magi_gateway.settings import Settings
+from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
 
 __all__ = ["LegacyBridge", "LegacyResponse", "legacy_request", "parse_legacy_response", "resolve_agent"]
 

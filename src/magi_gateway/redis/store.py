@@ -19,13 +19,13 @@ import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from . import protocol
-from ._redis import RedisClient, redis_errors
-from ._types import AgentId, AppId, InstanceId, SessionId
-from .errors import BackendUnavailable
-from .keys import Keys
-from .liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness, now_ms
-from .session import ResultCode, compute_verdict, normalize_decision
+from magi_gateway.core import protocol
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
+from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
+from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness, now_ms
 
 __all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "Request", "SessionInfo", "Store", "now_ms"]
 

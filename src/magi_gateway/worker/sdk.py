@@ -20,9 +20,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._types import AgentId, AppId, SessionId
-from .protocol import AGENT_ID_PATTERN
-from .session import normalize_decision
+from magi_gateway.core.ids import AgentId, AppId, SessionId
+from magi_gateway.core.protocol import AGENT_ID_PATTERN
+from magi_gateway.core.session import normalize_decision
 
 __all__ = ["Agent", "Context", "FunctionAgent", "Judgement", "JudgementClosed", "agent"]
 

@@ -25,14 +25,10 @@ from typing import Any
 import orjson
 from redis.asyncio.client import PubSub
 
-from . import metrics, protocol
-from ._delivery import Delivery
-from ._redis import Backoff, RedisClient, connect, open_pubsub, redis_errors
-from ._tasks import cancel_and_wait
-from ._types import AgentId, AppId, ConnectionId, InstanceId, SessionId
-from .admin import AdminCommand, AdminError, CommandChecker
-from .connection import Connection
-from .errors import (
+from magi_gateway._tasks import cancel_and_wait
+from magi_gateway.core import protocol
+from magi_gateway.core.admin import AdminCommand, AdminError, CommandChecker
+from magi_gateway.core.errors import (
     CLOSE_ADMIN_DISCONNECT,
     CLOSE_SERVICE_RESTART,
     BackendUnavailable,
@@ -42,12 +38,17 @@ from .errors import (
     error_frame,
     internal_error_frame,
 )
-from .keys import Keys
-from .logs import session_id_var
-from .ratelimit import TokenBucket
-from .session import ResultCode, new_session_id
-from .settings import Settings
-from .store import SessionInfo, Store, now_ms
+from magi_gateway.core.ids import AgentId, AppId, ConnectionId, InstanceId, SessionId
+from magi_gateway.core.ratelimit import TokenBucket
+from magi_gateway.core.session import ResultCode, new_session_id
+from magi_gateway.logs import session_id_var
+from magi_gateway.redis.client import Backoff, RedisClient, connect, open_pubsub, redis_errors
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import SessionInfo, Store, now_ms
+from magi_gateway.server import metrics
+from magi_gateway.server.delivery import Delivery
+from magi_gateway.server.outbox import Connection
+from magi_gateway.settings import Settings
 
 __all__ = ["Gateway"]
 

@@ -43,8 +43,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import BackendUnavailable
-from .settings import Settings
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.settings import Settings
 
 __all__ = [
     "Backoff",

@@ -15,8 +15,8 @@ from typing import Any, Literal, TypedDict
 
 import orjson
 
-from ._types import AgentId, SessionId
-from .errors import FrameTooLarge, ProtocolError, TooManyAgents
+from magi_gateway.core.errors import FrameTooLarge, ProtocolError, TooManyAgents
+from magi_gateway.core.ids import AgentId, SessionId
 
 __all__ = [
     "AGENT_ID_PATTERN",

@@ -20,10 +20,10 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from .auth import FailureThrottle, TokenVerifier, compute_token, minute_of
-from .endpoint import WebSocketEndpoint
-from .gateway import Gateway
-from .settings import Settings
+from magi_gateway.core.auth import FailureThrottle, TokenVerifier, compute_token, minute_of
+from magi_gateway.server.gateway import Gateway
+from magi_gateway.server.websocket import WebSocketEndpoint
+from magi_gateway.settings import Settings
 
 __all__ = ["create_app"]
 

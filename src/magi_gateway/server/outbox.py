@@ -13,10 +13,10 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from . import metrics
-from ._types import AppId, ConnectionId, SessionId
-from .errors import CLOSE_TRY_AGAIN_LATER
-from .ratelimit import TokenBucket
+from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER
+from magi_gateway.core.ids import AppId, ConnectionId, SessionId
+from magi_gateway.core.ratelimit import TokenBucket
+from magi_gateway.server import metrics
 
 __all__ = ["Connection"]
 

@@ -15,13 +15,13 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from . import metrics
-from ._redis import Backoff
-from ._types import SessionId
-from .connection import Connection
-from .errors import BackendUnavailable
-from .session import DeliveryCursor
-from .store import Store
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.ids import SessionId
+from magi_gateway.core.session import DeliveryCursor
+from magi_gateway.redis.client import Backoff
+from magi_gateway.redis.store import Store
+from magi_gateway.server import metrics
+from magi_gateway.server.outbox import Connection
 
 __all__ = ["Delivery", "LocalSession"]
 

@@ -29,17 +29,17 @@ from typing import Any
 from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
-from ._redis import Backoff, RedisClient, connect, open_pubsub, redis_errors
-from ._tasks import cancel_and_wait
-from ._types import AgentId, SessionId
-from .appender import ChunkAppender
-from .errors import AgentError, BackendUnavailable
-from .keys import WORKER_GROUP, Keys
-from .logs import session_id_var
-from .sdk import Agent, Context, Judgement, JudgementClosed
-from .session import ResultCode
-from .settings import Settings
-from .store import Request, Store, now_ms
+from magi_gateway._tasks import cancel_and_wait
+from magi_gateway.core.errors import AgentError, BackendUnavailable
+from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.session import ResultCode
+from magi_gateway.logs import session_id_var
+from magi_gateway.redis.client import Backoff, RedisClient, connect, open_pubsub, redis_errors
+from magi_gateway.redis.keys import WORKER_GROUP, Keys
+from magi_gateway.redis.store import Request, Store, now_ms
+from magi_gateway.settings import Settings
+from magi_gateway.worker.appender import ChunkAppender
+from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
 
 __all__ = ["Worker"]
 

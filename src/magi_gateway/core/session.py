@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ._types import SessionId
+from magi_gateway.core.ids import SessionId
 
 __all__ = [
     "DECISIONS",

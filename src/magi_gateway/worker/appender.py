@@ -18,11 +18,11 @@ import asyncio
 import logging
 from typing import Any
 
-from . import protocol
-from ._tasks import cancel_and_wait
-from ._types import AgentId, SessionId
-from .errors import BackendUnavailable
-from .store import AppendResult, Store
+from magi_gateway._tasks import cancel_and_wait
+from magi_gateway.core import protocol
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.redis.store import AppendResult, Store
 
 __all__ = ["ChunkAppender"]
 

@@ -18,20 +18,20 @@ import uvicorn
 from rich.console import Console
 from starlette.applications import Starlette
 
-from ._terminal import render_judgement
-from .admin_commands import app as admin_app
-from .agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
-from .agents.config import AgentsConfigError, import_agents, load_agents_file, make_llm_agent
-from .auth import compute_token, minute_of
-from .bench.commands import app as bench_app
-from .client import MagiClient
-from .embedded import RedisServer, free_port
-from .gateway import Gateway
-from .legacy import LegacyBridge
-from .logs import configure_logging
-from .sdk import Agent
-from .settings import Settings
-from .worker import Worker
+from magi_gateway.agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
+from magi_gateway.agents.config import AgentsConfigError, import_agents, load_agents_file, make_llm_agent
+from magi_gateway.bench.commands import app as bench_app
+from magi_gateway.cli._terminal import render_judgement
+from magi_gateway.cli.admin import app as admin_app
+from magi_gateway.client import MagiClient
+from magi_gateway.core.auth import compute_token, minute_of
+from magi_gateway.embedded import RedisServer, free_port
+from magi_gateway.logs import configure_logging
+from magi_gateway.server.gateway import Gateway
+from magi_gateway.settings import Settings
+from magi_gateway.worker.legacy import LegacyBridge
+from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import Agent
 
 __all__ = ["app", "main"]
 
@@ -120,7 +120,7 @@ def serve(
     """Run the gateway only (Redis and workers run elsewhere)."""
     settings = Settings()
     configure_logging(log_level, settings.log_format)
-    from .app import create_app
+    from magi_gateway.server.app import create_app
 
     app = create_app(settings)
     server = _Server(_uvicorn_config(app, settings, host or settings.host, port or settings.port, log_level))
@@ -302,7 +302,7 @@ async def _up(
         settings = settings.model_copy(update={"redis_url": redis_server.url})
     secret = _secret(settings, data_dir, create=True)
     settings = settings.model_copy(update={"fixed_secret": secret, "host": host, "port": port})
-    from .app import create_app
+    from magi_gateway.server.app import create_app
 
     gateway_app = create_app(settings)
     server = _Server(_uvicorn_config(gateway_app, settings, host, port, "warning"))

@@ -8,13 +8,14 @@ import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from . import metrics, protocol
-from ._types import AppId
-from .auth import FailureThrottle, TokenVerifier
-from .connection import Connection
-from .errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
-from .gateway import Gateway
-from .logs import connection_id_var
+from magi_gateway.core import protocol
+from magi_gateway.core.auth import FailureThrottle, TokenVerifier
+from magi_gateway.core.errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+from magi_gateway.core.ids import AppId
+from magi_gateway.logs import connection_id_var
+from magi_gateway.server import metrics
+from magi_gateway.server.gateway import Gateway
+from magi_gateway.server.outbox import Connection
 
 __all__ = ["WebSocketEndpoint"]
 

@@ -17,10 +17,10 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ResponseError
 
-from ._redis import RedisClient, redis_errors
-from ._types import AgentId
-from .errors import BackendUnavailable
-from .keys import WORKER_GROUP, Keys
+from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.ids import AgentId
+from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.keys import WORKER_GROUP, Keys
 
 __all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "Liveness", "now_ms"]
 
