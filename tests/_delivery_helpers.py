@@ -37,7 +37,7 @@ async def eventually(
 
 async def logged(store: Store, session_id: str, first_seq: int = 1) -> list[dict[str, Any]]:
     """The session's stored messages from ``first_seq`` on, decoded."""
-    return [orjson.loads(frame) for _seq, frame in await store.read_log(session_id, first_seq)]
+    return [orjson.loads(frame) for _seq, _type, frame in await store.read_log(session_id, first_seq)]
 
 
 async def wait_logged_complete(store: Store, session_id: str, timeout: float = 15) -> list[dict[str, Any]]:

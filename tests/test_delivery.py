@@ -456,7 +456,7 @@ async def stall_until_closed_1013(
         connection = gateway._connections.get(connection_id)  # type: ignore[arg-type]
         assert connection is not None
         assert connection.closing, "the gateway kept buffering for a client that does not read"
-        assert len(connection._frames) <= max_outbound
+        assert len(connection.outbox) <= max_outbound
         # Reading again: what was in flight, then the 1013 close.
         in_flight, code = await read_until_closed(ws, SLOW_CHUNKS + 10)
         assert code == 1013

@@ -18,10 +18,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from magi_gateway._util import now_ms
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id
 from magi_gateway.redis.keys import Keys, LegacyKeys
-from magi_gateway.redis.store import Store, now_ms
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.legacy import (
     LegacyBridge,
@@ -140,7 +141,7 @@ async def new_session(store: Store, agents: list[str]) -> str:
 
 
 async def session_log(store: Store, session_id: str) -> list[dict[str, Any]]:
-    return [orjson.loads(frame) for _seq, frame in await store.read_log(session_id, 1)]
+    return [orjson.loads(frame) for _seq, _type, frame in await store.read_log(session_id, 1)]
 
 
 def chunk(session_id: str, agent_id: str, text: str) -> bytes:

@@ -10,6 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from magi_gateway.core.errors import FrameTooLarge, ProtocolError, TooManyAgents
+from magi_gateway.core.frames import (
+    accepted_tail,
+    complete_tail,
+    encode,
+    final_tail,
+    stream_tail,
+)
 from magi_gateway.core.protocol import (
     AGENT_ID_PATTERN,
     Cancel,
@@ -18,12 +25,7 @@ from magi_gateway.core.protocol import (
     Limits,
     Ping,
     Resume,
-    accepted_tail,
-    complete_tail,
-    encode,
-    final_tail,
     parse_client_frame,
-    stream_tail,
 )
 
 LIMITS = Limits()

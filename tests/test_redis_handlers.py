@@ -15,10 +15,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
+from magi_gateway._util import now_ms
 from magi_gateway.agents import demo_agents
 from magi_gateway.core.session import ResultCode, new_session_id
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import Request, Store, now_ms
+from magi_gateway.redis.store import Request, Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
@@ -69,7 +70,7 @@ async def new_session(
 
 
 async def log_of(store: Store, session_id: str) -> list[dict[str, Any]]:
-    return [orjson.loads(frame) for _seq, frame in await store.read_log(session_id, 1)]
+    return [orjson.loads(frame) for _seq, _type, frame in await store.read_log(session_id, 1)]
 
 
 # -- the session log -------------------------------------------------------------------------
@@ -297,18 +298,19 @@ async def test_read_log_ranges(store: Store) -> None:
     for i in range(5):
         await store.append_stream(session_id, "melchior", {"thinking": str(i)})
     sid: Any = session_id
-    assert [s for s, _ in await store.read_log(sid, 1)] == [1, 2, 3, 4, 5, 6]
-    assert [s for s, _ in await store.read_log(sid, 2, 3)] == [2, 3]
-    assert [s for s, _ in await store.read_log(sid, 4)] == [4, 5, 6]
-    assert [s for s, _ in await store.read_log(sid, 6, 6)] == [6]
-    assert [s for s, _ in await store.read_log(sid, 7)] == []
-    assert [s for s, _ in await store.read_log(sid, 3, 100)] == [3, 4, 5, 6]
+    assert [s for s, _, _ in await store.read_log(sid, 1)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _, _ in await store.read_log(sid, 2, 3)] == [2, 3]
+    assert [s for s, _, _ in await store.read_log(sid, 4)] == [4, 5, 6]
+    assert [s for s, _, _ in await store.read_log(sid, 6, 6)] == [6]
+    assert [s for s, _, _ in await store.read_log(sid, 7)] == []
+    assert [s for s, _, _ in await store.read_log(sid, 3, 100)] == [3, 4, 5, 6]
     # Seq 10 sorts after seq 9 (stream ids, not strings).
     for i in range(5):
         await store.append_stream(session_id, "melchior", {"thinking": str(i)})
-    assert [s for s, _ in await store.read_log(sid, 9, 11)] == [9, 10, 11]
+    assert [s for s, _, _ in await store.read_log(sid, 9, 11)] == [9, 10, 11]
     stored = await store.read_log(sid, 2, 2)
-    assert orjson.loads(stored[0][1])["data"] == {"thinking": "0"}
+    assert stored[0][1] == b"agent_judgement_stream"
+    assert orjson.loads(stored[0][2])["data"] == {"thinking": "0"}
 
 
 # -- liveness ----------------------------------------------------------------------------------
@@ -375,12 +377,13 @@ async def test_every_logged_message_is_published_to_the_owner(store: Store, owne
     await store.append_stream(session_id, "melchior", {"thinking": "line one\nline two"})
     await store.append_final(session_id, "melchior", ResultCode.OK, {"decision": "approve"})
     logged = await store.read_log(session_id, 1)
-    assert [s for s, _ in logged] == [1, 2, 3, 4]
-    for seq, frame in logged:
+    assert [s for s, _, _ in logged] == [1, 2, 3, 4]
+    for seq, kind, frame in logged:
         payload = await next_notification(owner_channel)
-        assert payload == f"{session_id}\n{seq}\n".encode() + frame
-        # Splitting on the first two newlines recovers the frame even if it has newlines.
-        _sid, _seq, rest = payload.split(b"\n", 2)
+        assert payload == f"{session_id}\n{seq}\n".encode() + kind + b"\n" + frame
+        assert kind == orjson.loads(frame)["type"].encode()
+        # Splitting on the first three newlines recovers the frame even if it has newlines.
+        _sid, _seq, _kind, rest = payload.split(b"\n", 3)
         assert orjson.loads(rest)["seq"] == seq
 
 

@@ -259,7 +259,7 @@ async def assert_sessions_intact(
         assert len(streamed) >= CHUNKS
         assert all("attempt" not in m["data"] for m in streamed)
         # Nothing the client saw was lost with the old master, nothing is missing.
-        stored = [orjson.loads(frame) for _seq, frame in await store.read_log(session_id, 1)]
+        stored = [orjson.loads(frame) for _seq, _type, frame in await store.read_log(session_id, 1)]
         assert stored == record.messages
     for proc in procs:
         assert proc.process.poll() is None, proc.output

@@ -17,12 +17,13 @@ import typer
 from redis.asyncio import Redis
 
 from magi_gateway import Agent, Context, Judgement, JudgementClosed, agent
+from magi_gateway._util import now_ms
 from magi_gateway.agents import BenchAgent, DemoAgent
 from magi_gateway.cli.main import load_agents
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.session import new_session_id
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
-from magi_gateway.redis.store import Store, now_ms
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.appender import ChunkAppender
 from magi_gateway.worker.runner import Worker
@@ -58,7 +59,7 @@ async def queue_sessions(
 
 
 async def session_log(store: Store, session_id: str) -> list[dict[str, Any]]:
-    return [orjson.loads(frame) for _seq, frame in await store.read_log(session_id, 1)]
+    return [orjson.loads(frame) for _seq, _type, frame in await store.read_log(session_id, 1)]
 
 
 async def run_burst(worker: Worker, timeout: float = 30) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import redis
 
+from magi_gateway._util import now_ms
 from magi_gateway.bench._procs import (
     BenchError,
     Child,
@@ -36,7 +37,6 @@ from magi_gateway.bench.loadgen import LoadgenConfig, config_json, write_json
 from magi_gateway.core.ids import AgentId
 from magi_gateway.embedded import LocalCluster, RedisServer, free_port
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import now_ms
 from magi_gateway.settings import Settings
 
 __all__ = [

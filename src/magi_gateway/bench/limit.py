@@ -27,10 +27,11 @@ from websockets.asyncio.server import ServerConnection
 # Not ``websockets.ConnectionClosed``: that name is resolved lazily on every access.
 from websockets.exceptions import ConnectionClosed
 
+from magi_gateway._util import now_ms
 from magi_gateway.core.ids import AgentId, AppId, InstanceId
 from magi_gateway.core.session import new_session_id
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import Store, now_ms
+from magi_gateway.redis.store import Store
 
 __all__ = ["LimitRelay", "main"]
 

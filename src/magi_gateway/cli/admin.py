@@ -21,11 +21,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from magi_gateway._util import now_ms
 from magi_gateway.core.admin import MAX_BROADCAST_CHARS, AdminCommand, CommandName, sign_command
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.redis.client import connect, open_pubsub, redis_errors
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import Store, now_ms
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 
 __all__ = ["app", "send_command"]

@@ -14,11 +14,10 @@
 
 Every error a client can see has a stable machine ``code``; its ``str()`` is the
 human text sent to clients and therefore never contains internal exception text.
+Error frames are built in ``core.frames``.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 __all__ = [
     "CLOSE_ADMIN_DISCONNECT",
@@ -34,8 +33,6 @@ __all__ = [
     "RateLimited",
     "SessionNotFound",
     "TooManyAgents",
-    "error_frame",
-    "internal_error_frame",
 ]
 
 #: WebSocket close code sent after an authentication failure.
@@ -107,16 +104,3 @@ class AgentError(GatewayError):
     """Raised by an agent to fail a judgement with a message the client may read."""
 
     code = "agent_error"
-
-
-def error_frame(exc: GatewayError) -> dict[str, Any]:
-    """The error frame a client receives for ``exc``."""
-    frame: dict[str, Any] = {"error": str(exc), "code": exc.code}
-    if exc.session_id is not None:
-        frame["session_id"] = exc.session_id
-    return frame
-
-
-def internal_error_frame() -> dict[str, Any]:
-    """Frame for an unexpected exception: its text stays in the logs."""
-    return {"error": "Internal server error", "code": "internal_error"}

@@ -1,17 +1,15 @@
 """The client protocol, sans-I/O: client frames in, typed messages out, and back.
 
 ``parse_client_frame`` turns one WebSocket text frame into a frozen message object
-or raises ``ProtocolError`` with the code the client will see. ``encode`` and the
-``*_tail`` helpers build server frames; a session frame is stored in Redis as
-``{"type":…,"session_id":…,"seq":N,`` + tail, so the tail is the JSON object of the
-remaining fields without its opening brace.
+or raises ``ProtocolError`` with the code the client will see. Server frames are
+built in ``frames``.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 import orjson
 
@@ -27,12 +25,7 @@ __all__ = [
     "Limits",
     "Ping",
     "Resume",
-    "accepted_tail",
-    "complete_tail",
-    "encode",
-    "final_tail",
     "parse_client_frame",
-    "stream_tail",
 ]
 
 #: Agent ids are used in Redis key names, so they are kept to a safe alphabet.
@@ -92,14 +85,6 @@ class GetAgents:
 
 
 ClientMessage = JudgementRequest | Cancel | Resume | Ping | GetAgents
-
-
-class ErrorFrame(TypedDict, total=False):
-    """Shape of an error frame (``session_id`` only when one applies)."""
-
-    error: str
-    code: str
-    session_id: str
 
 
 def _field(obj: dict[str, Any], name: str) -> Any:
@@ -175,32 +160,3 @@ def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
         return Resume(_session_id(obj), last_seq)
     shown = kind if isinstance(kind, str) and len(kind) <= 64 else "?"
     raise ProtocolError(f"Unsupported message type: {shown}", code="unknown_type")
-
-
-def encode(message: Any) -> bytes:
-    """Encode a server frame (compact JSON, UTF-8)."""
-    return orjson.dumps(message)
-
-
-def _tail(fields: dict[str, Any]) -> bytes:
-    return orjson.dumps(fields)[1:]
-
-
-def accepted_tail(agent_ids: tuple[AgentId, ...], request_id: str | None) -> bytes:
-    """Tail of ``agent_judgement_accepted``."""
-    return _tail({"agent_ids": list(agent_ids), "request_id": request_id})
-
-
-def stream_tail(agent_id: str, data: dict[str, Any]) -> bytes:
-    """Tail of ``agent_judgement_stream``."""
-    return _tail({"agent_id": agent_id, "data": data})
-
-
-def final_tail(agent_id: str, result_code: int, data: dict[str, Any]) -> bytes:
-    """Tail of ``agent_judgement_final``."""
-    return _tail({"agent_id": agent_id, "result_code": result_code, "data": data})
-
-
-def complete_tail(verdict: str, results: dict[str, dict[str, Any]]) -> bytes:
-    """Tail of ``agent_judgement_complete``."""
-    return _tail({"data": {"verdict": verdict, "results": results}})

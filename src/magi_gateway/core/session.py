@@ -11,19 +11,21 @@ from __future__ import annotations
 import enum
 import uuid
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from magi_gateway.core.ids import SessionId
+from magi_gateway.core.ids import AgentId, SessionId
 
 __all__ = [
     "DECISIONS",
     "DeliveryCursor",
     "Gap",
+    "JudgementPlan",
     "ResultCode",
     "compute_verdict",
     "new_session_id",
     "normalize_decision",
+    "plan_judgement",
 ]
 
 #: Decisions an agent may give; anything else is recorded as no decision.
@@ -97,3 +99,26 @@ class DeliveryCursor:
         """Record that ``seq`` was handed to the client."""
         if seq > self.last_seq:
             self.last_seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class JudgementPlan:
+    """What opening a judgement does once its session is logged, in this order.
+
+    First the requests of the agents that have live workers are queued, then the
+    agents nobody serves get their ``result_code`` 3 finals: the last final writes the
+    completion, so it must come after every request is queued (else a session whose
+    served agents answer fast could complete before the others are even asked).
+    """
+
+    queue: tuple[AgentId, ...]
+    no_worker: tuple[AgentId, ...]
+
+
+def plan_judgement(agent_ids: Iterable[AgentId], live_workers: Mapping[AgentId, int]) -> JudgementPlan:
+    """Split a judgement's agents into those to queue and those without a live worker."""
+    agents = tuple(agent_ids)
+    return JudgementPlan(
+        queue=tuple(a for a in agents if live_workers.get(a, 0) > 0),
+        no_worker=tuple(a for a in agents if live_workers.get(a, 0) == 0),
+    )

@@ -47,7 +47,6 @@ from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.settings import Settings
 
 __all__ = [
-    "Backoff",
     "ClusterURL",
     "RedisClient",
     "SentinelURL",
@@ -66,28 +65,6 @@ RedisClient = Redis | RedisCluster
 # A command is retried this many times on a dropped connection before the caller
 # sees BackendUnavailable; longer outages are ridden out by the callers' own loops.
 _COMMAND_RETRIES = 3
-
-
-class Backoff:
-    """Capped exponential backoff with jitter for reconnect loops (wraps redis-py's)."""
-
-    def __init__(self, base_s: float, cap_s: float) -> None:
-        self._policy = ExponentialWithJitterBackoff(cap=cap_s, base=base_s)
-        self.failures = 0
-
-    @classmethod
-    def for_settings(cls, settings: Settings) -> Backoff:
-        """The backoff configured by ``REDIS_BACKOFF_BASE_S`` and ``REDIS_BACKOFF_CAP_S``."""
-        return cls(settings.redis_backoff_base_s, settings.redis_backoff_cap_s)
-
-    def next_delay(self) -> float:
-        """Delay before the next attempt; each call counts one more failure."""
-        self.failures += 1
-        return float(self._policy.compute(self.failures))
-
-    def reset(self) -> None:
-        """Forget past failures after a success."""
-        self.failures = 0
 
 
 def connect(

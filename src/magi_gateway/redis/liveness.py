@@ -8,7 +8,6 @@ inherits these operations, so callers keep one object per Redis client.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,20 +16,16 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ResponseError
 
+from magi_gateway._util import now_ms
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import AgentId
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
 
-__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "Liveness", "now_ms"]
+__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "Liveness"]
 
 #: A request stream nobody writes to or serves for a day expires (with its group).
 REQUEST_STREAM_TTL_MS = 24 * 3600 * 1000
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds, the unit of deadlines and heartbeats in Redis."""
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)

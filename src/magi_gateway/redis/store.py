@@ -1,11 +1,12 @@
 """The Redis side of sessions, requests and worker liveness, shared by gateway and workers.
 
-A session's log is written only through ``_APPEND_LUA``, which in one atomic step
-allocates the next seq, builds the final wire frame, stores it under stream id
-``0-SEQ``, refreshes expiries, and publishes it to the gateway instance that owns
-the session. Finals are deduplicated there (one per agent, whoever writes first:
-worker, timeout or cancel); the writer of the last final also writes the
-``agent_judgement_complete`` message, guarded so it exists once.
+A session's log is written only through the script ``lua/append.lua``, which in one
+atomic step allocates the next seq, joins the frame's head and tail (both built by
+``core.frames``) around it, stores it under stream id ``0-SEQ``, refreshes expiries,
+and publishes it to the gateway instance that owns the session. Finals are
+deduplicated there (one per agent, whoever writes first: worker, timeout or cancel);
+the writer of the last final also writes the ``agent_judgement_complete`` message,
+guarded so it exists once.
 """
 
 from __future__ import annotations
@@ -13,54 +14,31 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from magi_gateway.core import protocol
+from magi_gateway._util import now_ms
+from magi_gateway.core import frames
 from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.frames import SessionFrameType
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
+from magi_gateway.core.notification import notify_prefix, probe_notification
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness, now_ms
+from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
 
-__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "Request", "SessionInfo", "Store", "now_ms"]
+__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "Request", "SessionInfo", "Store"]
 
-_APPEND_LUA = """
--- KEYS: log seq meta pending results
--- ARGV: mode type session_id tail agent_id result_json channel_prefix
-local meta = KEYS[3]
-if redis.call('EXISTS', meta) == 0 then return {-1} end
-if redis.call('HEXISTS', meta, 'completed') == 1 then return {-2} end
-local mode = ARGV[1]
-if mode == 'stream' then
-  if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-3} end
-  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-  if current >= tonumber(redis.call('HGET', meta, 'max_msgs')) then return {-4} end
-elseif mode == 'final' then
-  if redis.call('SREM', KEYS[4], ARGV[5]) == 0 then return {-3} end
-  redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
-elseif mode == 'complete' then
-  if redis.call('SCARD', KEYS[4]) > 0 then return {-5} end
-  redis.call('HSET', meta, 'completed', '1')
-end
-local seq = redis.call('INCR', KEYS[2])
-local frame = '{"type":"' .. ARGV[2] .. '","session_id":"' .. ARGV[3] .. '","seq":' .. seq .. ',' .. ARGV[4]
-redis.call('XADD', KEYS[1], '0-' .. seq, 'f', frame)
-local ttl = redis.call('HGET', meta, mode == 'complete' and 'retention_ms' or 'ttl_ms')
-for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
-local owner = redis.call('HGET', meta, 'owner')
-if owner and owner ~= '' then
-  redis.call('PUBLISH', ARGV[7] .. owner, ARGV[3] .. '\\n' .. seq .. '\\n' .. frame)
-end
-if mode == 'final' and redis.call('SCARD', KEYS[4]) == 0 then
-  return {seq, 0, redis.call('HGET', meta, 'agents'), redis.call('HGETALL', KEYS[5])}
-end
-return {seq, 1}
-"""
+#: The one write path of every session message (see the script's header).
+_APPEND_LUA = files("magi_gateway.redis").joinpath("lua/append.lua").read_text(encoding="utf-8")
+
+#: The readiness key expires by itself.
+_PROBE_TTL_MS = 5000
 
 # Negative codes returned by _APPEND_LUA, by meaning.
 _GONE, _COMPLETED, _NOT_PENDING, _FULL, _STILL_PENDING = -1, -2, -3, -4, -5
@@ -204,7 +182,7 @@ class Store(Liveness):
             session_id,
             "any",
             "agent_judgement_accepted",
-            protocol.accepted_tail(tuple(agent_ids), request_id),
+            frames.accepted_tail(tuple(agent_ids), request_id),
         )
 
     async def session_info(self, session_id: SessionId) -> SessionInfo | None:
@@ -235,20 +213,24 @@ class Store(Liveness):
 
     async def read_log(
         self, session_id: SessionId, first_seq: int, last_seq: int | None = None, *, count: int | None = None
-    ) -> list[tuple[int, bytes]]:
-        """Stored frames with ``first_seq <= seq <= last_seq`` (to the end when None), at most ``count``."""
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Stored ``(seq, type, frame)`` with ``first_seq <= seq <= last_seq`` (to the end when None),
+        at most ``count``."""
         end = "+" if last_seq is None else f"0-{last_seq}"
         with redis_errors():
             entries: Any = await self.redis.xrange(
                 self.keys.session(session_id).log, f"0-{first_seq}", end, count=count
             )
-        return [(int(entry_id.split(b"-")[1]), fields[b"f"]) for entry_id, fields in entries]
+        return [
+            (int(entry_id.split(b"-")[1]), fields.get(b"t", b"other"), fields[b"f"])
+            for entry_id, fields in entries
+        ]
 
     async def _run_append(
         self,
         session_id: SessionId,
         mode: str,
-        message_type: str,
+        message_type: SessionFrameType,
         tail: bytes,
         agent_id: str = "",
         result: bytes = b"",
@@ -265,24 +247,33 @@ class Store(Liveness):
         self,
         session_id: SessionId,
         mode: str,
-        message_type: str,
+        message_type: SessionFrameType,
         tail: bytes,
         agent_id: str,
         result: bytes = b"",
     ) -> list[Any]:
-        """ARGV of ``_APPEND_LUA``, in its order."""
-        return [mode, message_type, session_id, tail, agent_id, result, self.keys.gateway_channel_prefix]
+        """ARGV of ``lua/append.lua``, in its order."""
+        return [
+            mode,
+            message_type,
+            frames.session_head(message_type, session_id),
+            tail,
+            agent_id,
+            result,
+            self.keys.gateway_channel_prefix,
+            notify_prefix(session_id),
+        ]
 
     async def append_stream(
         self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]
     ) -> AppendResult:
         """Append a thinking chunk; dropped once the agent has its final or the log is full."""
-        return await self._append_tail(session_id, agent_id, protocol.stream_tail(agent_id, data))
+        return await self._append_tail(session_id, agent_id, frames.stream_tail(agent_id, data))
 
     async def append_streams(
         self, chunks: Sequence[tuple[SessionId, AgentId, bytes]]
     ) -> list[AppendResult | BackendUnavailable]:
-        """Append several encoded chunks (``protocol.stream_tail``) in one round trip, in order.
+        """Append several encoded chunks (``frames.stream_tail``) in one round trip, in order.
 
         Returns one outcome per chunk, so a failure fails only its own chunk. (When the
         connection drops mid-pipeline nobody knows which appends ran: all of them fail,
@@ -338,7 +329,7 @@ class Store(Liveness):
             session_id,
             "final",
             "agent_judgement_final",
-            protocol.final_tail(agent_id, int(result_code), data),
+            frames.final_tail(agent_id, int(result_code), data),
             agent_id,
             result,
         )
@@ -355,7 +346,7 @@ class Store(Liveness):
             session_id,
             "complete",
             "agent_judgement_complete",
-            protocol.complete_tail(verdict, results),
+            frames.complete_tail(verdict, results),
         )
         if done[0] > 0:
             await self.clear_deadline(session_id)
@@ -387,6 +378,17 @@ class Store(Liveness):
         """Tell every worker to stop its agents working on ``session_id``."""
         with redis_errors():
             await self.redis.publish(self.keys.cancel_channel, session_id)
+
+    async def probe(self, instance_id: InstanceId, token: bytes) -> None:
+        """Prove Redis takes writes, and send a probe through ``instance_id``'s notifications."""
+        with redis_errors():
+            await self.redis.set(self.keys.ready_probe(instance_id), token, px=_PROBE_TTL_MS)
+            await self.redis.publish(self.keys.gateway_channel(instance_id), probe_notification(token))
+
+    async def answer_admin(self, reply_to: str, answer: bytes) -> None:
+        """Publish an instance's answer to an admin command on its reply channel."""
+        with redis_errors():
+            await self.redis.publish(reply_to, answer)
 
     # -- requests ----------------------------------------------------------------
 

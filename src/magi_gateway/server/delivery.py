@@ -1,10 +1,12 @@
-"""Delivery of session messages to this instance's connections: in order, each once.
+"""Delivery of session messages to this instance's connections: the driver of
+``core.delivery.SessionDelivery``.
 
 Live notifications are handled synchronously (``deliver`` never awaits, so one slow
-session cannot stall the listener that serves every session). When a notification
-skips ahead of a session's cursor, or a connection attaches with a ``last_seq``, a
-replay task reads the log from the cursor in pages, waiting for the connection's
-buffer to have room between pages; notifications arriving meanwhile are left to it.
+session cannot stall the listener that serves every session). When the core says
+``REPLAY`` (a notification skipped ahead) or a connection attaches with a
+``last_seq``, a replay task reads the log in pages of half the connection's buffer,
+waiting for room between pages; notifications arriving meanwhile are left to it.
+Which sessions a connection watches is derived from this index, never kept twice.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from magi_gateway._util import Backoff
+from magi_gateway.core.delivery import Action, SessionDelivery
 from magi_gateway.core.errors import BackendUnavailable
-from magi_gateway.core.ids import SessionId
-from magi_gateway.core.session import DeliveryCursor
-from magi_gateway.redis.client import Backoff
+from magi_gateway.core.ids import ConnectionId, SessionId
 from magi_gateway.redis.store import Store
 from magi_gateway.server import metrics
 from magi_gateway.server.outbox import Connection
@@ -29,47 +31,51 @@ logger = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
+_STREAM = b"agent_judgement_stream"
+_FINAL = b"agent_judgement_final"
+_COMPLETE = b"agent_judgement_complete"
+
 
 class LocalSession:
     """A session delivered to one of this instance's connections."""
 
-    __slots__ = ("chunk_seen", "connection", "cursor", "id", "missed", "replaying", "started")
+    __slots__ = ("connection", "state")
 
-    def __init__(
-        self, session_id: SessionId, connection: Connection, last_seq: int, started: float | None = None
-    ) -> None:
-        self.id = session_id
+    def __init__(self, state: SessionDelivery, connection: Connection) -> None:
+        self.state = state
         self.connection = connection
-        self.cursor = DeliveryCursor(last_seq)
-        #: ``time.monotonic()`` of the ``agent_judgement`` when it was opened here (for metrics).
-        self.started = started
-        self.chunk_seen = False
-        #: A replay task owns delivery until it has caught up with the log.
-        self.replaying = False
-        #: A notification arrived during the replay: read the log once more.
-        self.missed = False
+
+    @property
+    def id(self) -> SessionId:
+        """The session's id."""
+        return self.state.session_id
 
 
 class Delivery:
-    """The sessions this instance delivers, by id."""
+    """The sessions this instance delivers, by id and by connection."""
 
     def __init__(self, store: Store, spawn: Spawn, backoff: Callable[[], Backoff]) -> None:
         self.store = store
         self._spawn = spawn
         self._backoff = backoff
         self.sessions: dict[SessionId, LocalSession] = {}
+        self._by_connection: dict[ConnectionId, set[SessionId]] = {}
         self._delivering = metrics.SESSIONS.labels("delivering")
+
+    def sessions_of(self, connection: Connection) -> frozenset[SessionId]:
+        """The sessions delivered to ``connection``."""
+        return frozenset(self._by_connection.get(connection.id, ()))
 
     def track(
         self, session_id: SessionId, connection: Connection, last_seq: int, started: float | None = None
     ) -> LocalSession:
         """Deliver ``session_id`` to ``connection`` from ``last_seq`` on (moving it if needed)."""
         previous = self.sessions.get(session_id)
-        if previous is not None and previous.connection is not connection:
-            previous.connection.sessions.discard(session_id)
-        session = LocalSession(session_id, connection, last_seq, started)
+        if previous is not None:
+            self._unindex(previous)
+        session = LocalSession(SessionDelivery(session_id, connection.id, last_seq, started), connection)
         self.sessions[session_id] = session
-        connection.sessions.add(session_id)
+        self._by_connection.setdefault(connection.id, set()).add(session_id)
         self._delivering.set(len(self.sessions))
         return session
 
@@ -77,54 +83,55 @@ class Delivery:
         """Stop delivering ``session`` here."""
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
+            self._unindex(session)
             self._delivering.set(len(self.sessions))
-        session.connection.sessions.discard(session.id)
+
+    def _unindex(self, session: LocalSession) -> None:
+        watched = self._by_connection.get(session.connection.id)
+        if watched is not None:
+            watched.discard(session.id)
+            if not watched:
+                del self._by_connection[session.connection.id]
 
     def forget_connection(self, connection: Connection) -> None:
         """A connection closed: stop delivering its sessions (they run on in Redis)."""
-        for session_id in list(connection.sessions):
+        for session_id in self.sessions_of(connection):
             session = self.sessions.get(session_id)
             if session is not None and session.connection is connection:
                 self.untrack(session)
-        connection.sessions.clear()
+        self._by_connection.pop(connection.id, None)
 
-    def push(self, session: LocalSession, seq: int, frame: bytes) -> None:
-        """Hand one frame to the session's connection."""
-        session.cursor.sent(seq)
-        kind = metrics.message_type(frame)
+    def push(self, session: LocalSession, seq: int, kind: bytes, frame: bytes) -> None:
+        """Hand one frame (of type ``kind``) to the session's connection."""
+        state = session.state
+        state.sent(seq)
         queued = session.connection.push(frame, kind)
-        if queued and session.started is not None:
-            if kind == b"agent_judgement_stream" and not session.chunk_seen:
-                session.chunk_seen = True
-                metrics.TIME_TO_FIRST_CHUNK.observe(time.monotonic() - session.started)
-            elif kind == b"agent_judgement_final":
-                metrics.TIME_TO_FINAL.observe(time.monotonic() - session.started)
-        if kind == b"agent_judgement_complete":
-            if queued and session.started is not None:
+        if queued and state.started is not None:
+            if kind == _STREAM and not state.chunk_seen:
+                state.chunk_seen = True
+                metrics.TIME_TO_FIRST_CHUNK.observe(time.monotonic() - state.started)
+            elif kind == _FINAL:
+                metrics.TIME_TO_FINAL.observe(time.monotonic() - state.started)
+        if kind == _COMPLETE:
+            if queued and state.started is not None:
                 metrics.SESSIONS_COMPLETED.inc()  # once, where it started (not on replays)
             self.untrack(session)
 
-    def deliver(self, session_id: SessionId, seq: int, frame: bytes) -> None:
-        """A live notification: send it now, drop it as a duplicate, or replay a gap."""
+    def deliver(self, session_id: SessionId, seq: int, kind: bytes, frame: bytes) -> None:
+        """A live notification: send it now, drop it, or replay a gap first."""
         session = self.sessions.get(session_id)
         if session is None:
             return
-        if session.replaying:
-            session.missed = True
-            return
-        offer = session.cursor.offer(seq)
-        if offer is True:
-            self.push(session, seq, frame)
-        elif offer is not False:
+        action = session.state.on_notification(seq)
+        if action is Action.SEND:
+            self.push(session, seq, kind, frame)
+        elif action is Action.REPLAY:
             self.replay(session)
 
     def replay(self, session: LocalSession) -> None:
         """Start reading the log from the session's cursor, unless a replay runs already."""
-        if session.replaying:
-            session.missed = True
-            return
-        session.replaying = True
-        self._spawn(self._replay(session), f"replay-{session.id}")
+        if session.state.start_replay():
+            self._spawn(self._replay(session), f"replay-{session.id}")
 
     def replay_all(self) -> None:
         """After a notification outage: every session re-reads what it may have missed."""
@@ -132,21 +139,21 @@ class Delivery:
             self.replay(session)
 
     async def _replay(self, session: LocalSession) -> None:
-        connection = session.connection
+        connection, state = session.connection, session.state
         page = max(connection.max_messages // 2, 1)
         backoff = self._backoff()
         try:
             while self.sessions.get(session.id) is session and not connection.closing:
                 await connection.wait_for_room(page)
-                session.missed = False
+                first = state.next_page()
                 try:
-                    entries = await self.store.read_log(session.id, session.cursor.last_seq + 1, count=page)
-                except BackendUnavailable:
-                    await asyncio.sleep(backoff.next_delay())
+                    entries = await self.store.read_log(session.id, first, count=page)
+                except BackendUnavailable as exc:
+                    await asyncio.sleep(backoff.failed(logger, f"replay of {session.id}", exc))
                     continue
-                for seq, frame in entries:
-                    self.push(session, seq, frame)
-                if len(entries) < page and not session.missed:
-                    return  # caught up; no await between this check and the flag reset
+                for seq, kind, frame in entries:
+                    self.push(session, seq, kind, frame)
+                if state.page_read(len(entries), page):
+                    return  # caught up; no await between this check and the hand-over
         finally:
-            session.replaying = False
+            state.replay_ended()

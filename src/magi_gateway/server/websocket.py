@@ -8,7 +8,7 @@ import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from magi_gateway.core import protocol
+from magi_gateway.core import frames
 from magi_gateway.core.auth import FailureThrottle, TokenVerifier
 from magi_gateway.core.errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
 from magi_gateway.core.ids import AppId
@@ -23,13 +23,6 @@ logger = logging.getLogger(__name__)
 
 #: Close code for a browser whose Origin is not in CORS_ORIGINS (sent before accept: HTTP 403).
 CLOSE_ORIGIN_REJECTED = 4003
-_AUTH_FAILED = protocol.encode({"error": "Authentication failed", "code": "auth_failed"})
-_TOO_MANY_CONNECTIONS = protocol.encode(
-    {"error": "Too many connections for this appid; try again later", "code": "too_many_connections"}
-)
-_AUTH_THROTTLED = protocol.encode(
-    {"error": "Too many failed authentication attempts; try again later", "code": "auth_throttled"}
-)
 
 
 class WebSocketEndpoint:
@@ -54,17 +47,17 @@ class WebSocketEndpoint:
         now = time.time()
         await websocket.accept()
         if self.throttle.is_blocked(peer, now):
-            await self._reject(websocket, _AUTH_THROTTLED, "throttled")
+            await self._reject(websocket, frames.AUTH_THROTTLED, "throttled")
             return
         if not self.verifier.verify(appid, token, now):
             self.throttle.record_failure(peer, now)
-            await self._reject(websocket, _AUTH_FAILED, "bad_token")
+            await self._reject(websocket, frames.AUTH_FAILED, "bad_token")
             return
         if not self.gateway.accepting:
             await websocket.close(code=CLOSE_SERVICE_RESTART, reason="Service restart")
             return
         if self.gateway.at_capacity(AppId(appid)):
-            await websocket.send_text(_TOO_MANY_CONNECTIONS.decode())
+            await websocket.send_text(frames.TOO_MANY_CONNECTIONS.decode())
             await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Too many connections")
             return
         connection = self.gateway.connect(AppId(appid), peer)

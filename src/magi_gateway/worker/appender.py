@@ -19,7 +19,7 @@ import logging
 from typing import Any
 
 from magi_gateway._tasks import cancel_and_wait
-from magi_gateway.core import protocol
+from magi_gateway.core import frames
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.redis.store import AppendResult, Store
@@ -61,7 +61,7 @@ class ChunkAppender:
         The chunk is encoded here, in the agent's task: data that cannot be encoded fails
         that agent (``TypeError``), not the batch it would have joined.
         """
-        tail = protocol.stream_tail(agent_id, data)
+        tail = frames.stream_tail(agent_id, data)
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append((session_id, agent_id, tail, future))
         if self._in_flight < self.max_in_flight:

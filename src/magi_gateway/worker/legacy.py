@@ -38,10 +38,11 @@ from typing import Any, Literal
 import orjson
 
 from magi_gateway._tasks import cancel_and_wait
+from magi_gateway._util import Backoff
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode
-from magi_gateway.redis.client import Backoff, connect, redis_errors
+from magi_gateway.redis.client import connect, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import REQUEST_STREAM_TTL_MS, Store
 from magi_gateway.settings import Settings

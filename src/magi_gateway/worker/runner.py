@@ -30,13 +30,14 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ResponseError
 
 from magi_gateway._tasks import cancel_and_wait
+from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import AgentError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode
 from magi_gateway.logs import session_id_var
-from magi_gateway.redis.client import Backoff, RedisClient, connect, open_pubsub, redis_errors
+from magi_gateway.redis.client import RedisClient, connect, open_pubsub, redis_errors
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
-from magi_gateway.redis.store import Request, Store, now_ms
+from magi_gateway.redis.store import Request, Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.appender import ChunkAppender
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed

@@ -1,0 +1,40 @@
+-- Append one message to a session's log, atomically: the one write path of every
+-- session message (accepted, stream, final, complete).
+--
+-- KEYS: log seq meta pending results
+-- ARGV: mode type head tail agent_id result_json channel_prefix notify_prefix
+--   mode           'any' | 'stream' | 'final' | 'complete'
+--   type           the message type, stored beside the frame and sent in the notification
+--   head           the frame up to its seq, built by core/frames.py
+--   tail           the frame after its seq (with the leading comma's object fields)
+--   notify_prefix  "SESSION_ID\n", the notification's first line (core/notification.py)
+-- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
+-- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending.
+local meta = KEYS[3]
+if redis.call('EXISTS', meta) == 0 then return {-1} end
+if redis.call('HEXISTS', meta, 'completed') == 1 then return {-2} end
+local mode = ARGV[1]
+if mode == 'stream' then
+  if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-3} end
+  local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if current >= tonumber(redis.call('HGET', meta, 'max_msgs')) then return {-4} end
+elseif mode == 'final' then
+  if redis.call('SREM', KEYS[4], ARGV[5]) == 0 then return {-3} end
+  redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
+elseif mode == 'complete' then
+  if redis.call('SCARD', KEYS[4]) > 0 then return {-5} end
+  redis.call('HSET', meta, 'completed', '1')
+end
+local seq = redis.call('INCR', KEYS[2])
+local frame = ARGV[3] .. seq .. ',' .. ARGV[4]
+redis.call('XADD', KEYS[1], '0-' .. seq, 't', ARGV[2], 'f', frame)
+local ttl = redis.call('HGET', meta, mode == 'complete' and 'retention_ms' or 'ttl_ms')
+for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+local owner = redis.call('HGET', meta, 'owner')
+if owner and owner ~= '' then
+  redis.call('PUBLISH', ARGV[7] .. owner, ARGV[8] .. seq .. '\n' .. ARGV[2] .. '\n' .. frame)
+end
+if mode == 'final' and redis.call('SCARD', KEYS[4]) == 0 then
+  return {seq, 0, redis.call('HGET', meta, 'agents'), redis.call('HGETALL', KEYS[5])}
+end
+return {seq, 1}

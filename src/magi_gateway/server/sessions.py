@@ -1,0 +1,128 @@
+"""Session operations a client asks for: open a judgement, attach (resume), cancel.
+
+The state machine of each delivery is the core's (``core.delivery``), the order of a
+judgement's steps too (``core.session.plan_judgement``); this module runs those
+steps against Redis. A session's truth is in Redis: its log, pending agents, owner
+and deadline; attaching a session here only routes its notifications to this
+instance and starts a replay from the client's cursor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from magi_gateway._util import now_ms
+from magi_gateway.core import protocol
+from magi_gateway.core.errors import BackendUnavailable, GatewayError, SessionNotFound
+from magi_gateway.core.ids import InstanceId, SessionId
+from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
+from magi_gateway.logs import session_id_var
+from magi_gateway.redis.store import SessionInfo, Store
+from magi_gateway.server import metrics
+from magi_gateway.server.delivery import Delivery
+from magi_gateway.server.outbox import Connection
+from magi_gateway.settings import Settings
+
+__all__ = ["SessionOps"]
+
+#: A duplicate request_id can arrive while the first is still creating its session.
+_CREATION_WAIT_POLLS = 20
+_CREATION_WAIT_POLL_S = 0.05
+
+
+class SessionOps:
+    """Opens, attaches and cancels sessions for this instance's connections."""
+
+    def __init__(self, settings: Settings, store: Store, delivery: Delivery, instance_id: InstanceId) -> None:
+        self.settings = settings
+        self.store = store
+        self.delivery = delivery
+        self.instance_id = instance_id
+
+    async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
+        """Start a session: log it, queue the served agents, answer the others at once."""
+        session_id = new_session_id()
+        session_id_var.set(session_id)
+        appid = connection.appid
+        timeout_ms = int(self.settings.judgement_timeout_s * 1000)
+        if request.request_id is not None:
+            existing = await self.store.claim_request_id(
+                appid, request.request_id, session_id, timeout_ms + self.settings.session_retention_s * 1000
+            )
+            if existing is not None:
+                # A retried request: the same session again, replayed from the start
+                # (unless it has expired meanwhile: then the request starts afresh).
+                try:
+                    await self.attach(connection, existing, 0, wait_for_creation=True)
+                    return
+                except SessionNotFound:
+                    await self.store.rebind_request_id(appid, request.request_id, session_id, existing)
+        deadline_ms = now_ms() + timeout_ms
+        session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
+        try:
+            live = await self.store.live_worker_counts(request.agent_ids)
+            await self.store.create_session(
+                session_id, appid, self.instance_id, request.agent_ids, deadline_ms, request.request_id
+            )
+        except BackendUnavailable:
+            self.delivery.untrack(session)
+            if request.request_id is not None:
+                with contextlib.suppress(BackendUnavailable):
+                    await self.store.release_request_id(appid, request.request_id, session_id)
+            raise
+        metrics.SESSIONS_STARTED.inc()
+        plan = plan_judgement(request.agent_ids, live)
+        for agent_id in plan.queue:
+            await self.store.enqueue_request(session_id, agent_id, request.user_input, deadline_ms, appid)
+        for agent_id in plan.no_worker:
+            await self.store.append_final(
+                session_id,
+                agent_id,
+                ResultCode.NO_AGENT,
+                {"error": f"No live worker serves agent '{agent_id}'"},
+            )
+
+    async def session_info(self, connection: Connection, session_id: SessionId, *, wait: bool) -> SessionInfo:
+        """The session, if it exists and belongs to the connection's appid."""
+        info = await self.store.session_info(session_id)
+        for _ in range(_CREATION_WAIT_POLLS if wait else 0):
+            if info is not None:
+                break
+            await asyncio.sleep(_CREATION_WAIT_POLL_S)
+            info = await self.store.session_info(session_id)
+        if info is None or info.appid != connection.appid:
+            raise SessionNotFound("Session not found or expired", session_id=session_id)
+        return info
+
+    async def attach(
+        self, connection: Connection, session_id: SessionId, last_seq: int, *, wait_for_creation: bool = False
+    ) -> None:
+        """Deliver a session to ``connection``: replay after ``last_seq``, then live."""
+        info = await self.session_info(connection, session_id, wait=wait_for_creation)
+        if info.owner != self.instance_id and not info.completed:
+            await self.store.set_owner(session_id, self.instance_id)
+        # The replay runs as a task, paced by the connection's buffer, and hands over to
+        # live delivery once it has caught up with the log.
+        self.delivery.replay(self.delivery.track(session_id, connection, last_seq))
+
+    async def resume(self, connection: Connection, message: protocol.Resume) -> None:
+        """``resume``: attach, counting the outcome."""
+        try:
+            await self.attach(connection, message.session_id, message.last_seq)
+        except SessionNotFound:
+            metrics.RESUMES.labels("not_found").inc()
+            raise
+        except BaseException:
+            metrics.RESUMES.labels("error").inc()
+            raise
+        metrics.RESUMES.labels("ok").inc()
+
+    async def cancel(self, connection: Connection, session_id: SessionId) -> None:
+        """Give every pending agent a cancelled final and tell the workers to stop."""
+        info = await self.session_info(connection, session_id, wait=False)
+        if info.completed:
+            raise GatewayError("Session already complete", code="session_completed", session_id=session_id)
+        await self.store.finish_pending(info, ResultCode.CANCELLED, {"error": "Cancelled by the client"})
+        await self.store.announce_cancel(session_id)

@@ -1,0 +1,158 @@
+"""The sans-I/O state of the core: delivery decisions, the outbox, notifications, judgement plans.
+
+Synchronous tests, no Redis, no event loop: events in, decisions out.
+"""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from magi_gateway.core.delivery import Action, SessionDelivery
+from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER, ProtocolError
+from magi_gateway.core.frames import session_head, stream_tail
+from magi_gateway.core.ids import AgentId, ConnectionId, SessionId
+from magi_gateway.core.notification import decode_notification, notify_prefix, probe_notification
+from magi_gateway.core.outbox import Outbox
+from magi_gateway.core.session import plan_judgement
+
+SID = SessionId("0123456789abcdef0123456789abcdef")
+CID = ConnectionId("c1")
+
+
+# -- delivery ------------------------------------------------------------------------------------
+
+
+def test_live_messages_in_order_are_sent_once() -> None:
+    state = SessionDelivery(SID, CID)
+    for seq in (1, 2, 3):
+        assert state.on_notification(seq) is Action.SEND
+        state.sent(seq)
+    assert state.on_notification(2) is Action.DROP
+    assert state.last_seq == 3
+
+
+def test_a_skipped_seq_asks_for_a_replay_and_notifications_during_it_are_left_to_it() -> None:
+    state = SessionDelivery(SID, CID, last_seq=1)
+    assert state.on_notification(4) is Action.REPLAY
+    assert state.start_replay() is True
+    assert state.replaying
+    assert state.next_page() == 2
+    # While the replay reads, live notifications are dropped: the log has them.
+    assert state.on_notification(5) is Action.DROP
+    for seq in (2, 3, 4):
+        state.sent(seq)
+    # Something arrived during the read: the replay must read once more, not hand over.
+    assert state.page_read(3, page=10) is False
+    assert state.next_page() == 5
+    state.sent(5)
+    assert state.page_read(1, page=10) is True
+    assert not state.replaying
+    assert state.on_notification(6) is Action.SEND
+
+
+def test_a_full_page_means_more_to_read() -> None:
+    state = SessionDelivery(SID, CID)
+    assert state.start_replay()
+    state.next_page()
+    assert state.page_read(10, page=10) is False
+    assert state.replaying
+
+
+def test_only_one_replay_runs_and_a_second_request_makes_it_read_again() -> None:
+    state = SessionDelivery(SID, CID)
+    assert state.start_replay() is True
+    state.next_page()
+    assert state.start_replay() is False
+    assert state.page_read(0, page=10) is False  # the second request is honoured by one more read
+    state.next_page()
+    assert state.page_read(0, page=10) is True
+
+
+def test_a_replay_that_ends_early_releases_delivery() -> None:
+    state = SessionDelivery(SID, CID, last_seq=3)
+    assert state.start_replay()
+    state.replay_ended()
+    assert not state.replaying
+    assert state.on_notification(4) is Action.SEND
+
+
+# -- outbox --------------------------------------------------------------------------------------
+
+
+def test_outbox_overflow_requests_a_1013_close_and_drops_the_queue() -> None:
+    outbox = Outbox(max_messages=2)
+    assert outbox.push(b"a")
+    assert outbox.push(b"b")
+    assert not outbox.has_room(1)
+    assert outbox.push(b"c") is False
+    assert outbox.closing
+    assert outbox.close_reason is not None
+    assert outbox.close_reason[0] == CLOSE_TRY_AGAIN_LATER
+    assert len(outbox) == 0
+    assert outbox.push(b"d") is False
+    assert outbox.has_room(100)  # closing: nobody waits for room any longer
+
+
+def test_outbox_flushing_close_keeps_what_is_queued_and_first_close_wins() -> None:
+    outbox = Outbox(max_messages=4)
+    outbox.push(b"a")
+    outbox.push(b"b")
+    assert outbox.request_close(1012, "Service restart", flush=True) is True
+    assert outbox.request_close(4002, "later", flush=False) is False
+    assert outbox.close_reason == (1012, "Service restart")
+    assert outbox.pop() == b"a"
+    assert outbox.take() == [b"b"]
+    assert outbox.pop() is None
+
+
+def test_outbox_low_water_mark() -> None:
+    outbox = Outbox(max_messages=4)
+    for frame in (b"1", b"2", b"3"):
+        outbox.push(frame)
+    assert not outbox.below_low_water
+    outbox.pop()
+    assert outbox.below_low_water
+
+
+# -- notifications and frames ------------------------------------------------------------------
+
+
+def test_notification_round_trip_keeps_newlines_in_the_frame() -> None:
+    frame = session_head("agent_judgement_stream", SID) + b"7," + stream_tail("m", {"thinking": "a\nb"})
+    data = notify_prefix(SID) + b"7\nagent_judgement_stream\n" + frame
+    notification = decode_notification(data)
+    assert notification.session_id == SID
+    assert notification.seq == 7
+    assert notification.type == b"agent_judgement_stream"
+    assert notification.frame == frame
+    assert not notification.is_probe
+    assert orjson.loads(frame) == {
+        "type": "agent_judgement_stream",
+        "session_id": SID,
+        "seq": 7,
+        "agent_id": "m",
+        "data": {"thinking": "a\nb"},
+    }
+
+
+def test_probe_notification() -> None:
+    notification = decode_notification(probe_notification(b"tok"))
+    assert notification.is_probe
+    assert notification.frame == b"tok"
+
+
+@pytest.mark.parametrize("data", [b"", b"no newlines", b"sid\nNaN\nt\nf", b"\xff\xfe\n1\nt\nf", b"sid\n1\nt"])
+def test_malformed_notifications_are_refused(data: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_notification(data)
+
+
+# -- judgement plan ------------------------------------------------------------------------------
+
+
+def test_plan_queues_served_agents_and_answers_the_others_in_request_order() -> None:
+    agents = [AgentId("a"), AgentId("b"), AgentId("c"), AgentId("d")]
+    plan = plan_judgement(agents, {AgentId("b"): 2, AgentId("d"): 1, AgentId("c"): 0})
+    assert plan.queue == ("b", "d")
+    assert plan.no_worker == ("a", "c")
