@@ -204,7 +204,7 @@ async def test_judgement_resent_after_a_drop_before_accepted_is_not_started_twic
         calls.append(request.request_id)
         if len(calls) == 1:
             # The session starts, but this connection never sees its accepted message.
-            monkeypatch.setattr(connection, "push", lambda frame: False)
+            monkeypatch.setattr(connection, "push", lambda frame, kind: False)
             await open_judgement(connection, request)
             connection.request_close(1013, "test drop")
         else:

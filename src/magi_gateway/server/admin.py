@@ -64,7 +64,7 @@ class AdminExecutor:
         reply: dict[str, Any] = {"instance": self.instance_id, "command": command.command}
         if command.command == "broadcast":
             frame = frames.broadcast_frame(command.args["message"])
-            reply["connections"] = sum(c.push(frame) for c in targets)
+            reply["connections"] = sum(c.push(frame, b"broadcast") for c in targets)
         elif command.command in ("disconnect-all", "disconnect-app"):
             for connection in targets:
                 connection.request_close(CLOSE_ADMIN_DISCONNECT, "Disconnected by admin", flush=True)

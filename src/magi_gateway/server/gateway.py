@@ -177,7 +177,7 @@ class Gateway:
         )
         self._per_app[appid] = self._per_app.get(appid, 0) + 1
         self._connections[connection.id] = connection
-        connection.push(frames.connection_established(connection.id))
+        connection.push(frames.connection_established(connection.id), b"connection_established")
         metrics.CONNECTIONS.inc()
         return connection
 
@@ -214,19 +214,19 @@ class Gateway:
             await self._dispatch(connection, message)
         except GatewayError as exc:
             metrics.CLIENT_ERRORS.labels(exc.code).inc()
-            connection.push(frames.error_frame(exc))
+            connection.push(frames.error_frame(exc), b"error")
         except Exception:
             logger.exception("unexpected error handling a frame on %s", connection.id)
             metrics.CLIENT_ERRORS.labels("internal_error").inc()
-            connection.push(frames.internal_error_frame())
+            connection.push(frames.internal_error_frame(), b"error")
         finally:
             metrics.MESSAGES_IN.labels(kind).inc()
 
     async def _dispatch(self, connection: Connection, message: protocol.ClientMessage) -> None:
         if isinstance(message, protocol.Ping):
-            connection.push(frames.PONG)
+            connection.push(frames.PONG, b"pong")
         elif isinstance(message, protocol.GetAgents):
-            connection.push(frames.agents_frame(await self.store.live_agents()))
+            connection.push(frames.agents_frame(await self.store.live_agents()), b"agents")
         elif isinstance(message, protocol.JudgementRequest):
             await self.open_judgement(connection, message)
         else:

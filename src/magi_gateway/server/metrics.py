@@ -29,7 +29,6 @@ __all__ = [
     "TIME_TO_FINAL",
     "TIME_TO_FIRST_CHUNK",
     "count_out",
-    "message_type",
 ]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -69,28 +68,16 @@ AGENT_QUEUE_LAG = Gauge(
 AGENT_PENDING = Gauge("magi_agent_pending", "Requests read by a worker and not yet finished", ["agent"])
 AGENT_WORKERS = Gauge("magi_agent_workers", "Live workers serving an agent", ["agent"])
 
-_TYPE_PREFIX = b'{"type":"'
 _MAX_TYPES = 32
 _OUT_BY_TYPE: dict[bytes, Counter] = {}
 
 
-def message_type(frame: bytes) -> bytes:
-    """The ``type`` of a frame the gateway or the Lua script encoded (it comes first)."""
-    if frame.startswith(_TYPE_PREFIX):
-        end = frame.find(b'"', len(_TYPE_PREFIX))
-        if end > 0:
-            return frame[len(_TYPE_PREFIX) : end]
-    return b"other"
-
-
-def count_out(frame: bytes, kind: bytes | None = None) -> None:
-    """Count one message queued to a client; ``kind`` is its type when the caller has it.
+def count_out(frame: bytes, kind: bytes) -> None:
+    """Count one message of type ``kind`` queued to a client (error frames count as ``error``).
 
     Label children are cached per type (this is the hot path); the cache is bounded by
     the protocol's few message types, anything past ``_MAX_TYPES`` counts as "other".
     """
-    if kind is None:
-        kind = message_type(frame)
     counter = _OUT_BY_TYPE.get(kind)
     if counter is None:
         if len(_OUT_BY_TYPE) >= _MAX_TYPES:

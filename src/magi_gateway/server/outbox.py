@@ -54,8 +54,8 @@ class Connection:
         """Whether a close was requested; no more frames are accepted."""
         return self.outbox.closing
 
-    def push(self, frame: bytes, kind: bytes | None = None) -> bool:
-        """Queue ``frame`` (of type ``kind``, if known); on overflow request a 1013 close and return False."""
+    def push(self, frame: bytes, kind: bytes) -> bool:
+        """Queue ``frame`` (``kind``: its type, for the counters); on overflow close 1013, return False."""
         was_closing = self.outbox.closing
         if not self.outbox.push(frame):
             if not was_closing:  # this frame overflowed the buffer: the close starts now
