@@ -598,7 +598,7 @@ def test_dockerfile_builds_the_package_and_runs_the_gateway_unprivileged() -> No
     assert cmd == ["magi-gateway", "serve"]
     _cli_params(cmd)
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert pyproject["project"]["scripts"]["magi-gateway"] == "magi_gateway.cli.main:main"
+    assert pyproject["project"]["scripts"]["magi-gateway"] == "magi_gateway.cli:main"
     exposed = [rest for keyword, rest in final if keyword == "EXPOSE"]
     assert exposed == [str(Settings.model_fields["port"].default)]
     assert any(
