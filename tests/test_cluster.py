@@ -18,7 +18,8 @@ import redis
 
 from magi_gateway.agents import BenchAgent
 from magi_gateway.embedded import LocalCluster
-from magi_gateway.redis.client import RedisClient, connect, parse_cluster_url
+from magi_gateway.redis.client import RedisClient, connect
+from magi_gateway.redis.urls import parse_cluster_url
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 

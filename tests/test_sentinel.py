@@ -28,9 +28,11 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from magi_gateway.redis.client import SentinelURL, _FailoverPool, connect, parse_sentinel_url
+from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.sentinel import FailoverPool
 from magi_gateway.redis.store import Store
+from magi_gateway.redis.urls import SentinelURL, parse_sentinel_url
 from magi_gateway.settings import Settings
 
 from ._sentinel import SentinelGroup
@@ -126,7 +128,7 @@ async def test_connect_builds_a_blocking_sentinel_pool_with_the_usual_options() 
     client = connect(settings, client_name="magi-test", retries=0)
     try:
         pool = client.connection_pool
-        assert isinstance(pool, _FailoverPool)
+        assert isinstance(pool, FailoverPool)
         assert pool.service_name == "mymaster"
         assert pool.max_connections == settings.redis_max_connections
         options = pool.connection_kwargs
