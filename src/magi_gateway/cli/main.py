@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
-import signal
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Protocol
+from typing import Annotated
 
 import typer
-import uvicorn
 from rich.console import Console
-from starlette.applications import Starlette
 
 from magi_gateway.agents import DEMO_AGENT_NAMES, BenchAgent, demo_agents
 from magi_gateway.agents.config import AgentsConfigError, import_agents, load_agents_file, make_llm_agent
 from magi_gateway.bench.commands import app as bench_app
+from magi_gateway.cli._serving import Server, run_until_signal, serve_until_signal, uvicorn_config
 from magi_gateway.cli._terminal import render_judgement
 from magi_gateway.cli.admin import app as admin_app
 from magi_gateway.client import MagiClient
 from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.embedded import RedisServer, free_port
 from magi_gateway.logs import configure_logging
-from magi_gateway.server.gateway import Gateway
 from magi_gateway.settings import Settings
 from magi_gateway.worker.legacy import LegacyBridge
 from magi_gateway.worker.runner import Worker
@@ -69,48 +64,6 @@ def _secret(settings: Settings, data_dir: Path, *, create: bool) -> str:
     return secret
 
 
-def _uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, level: str) -> uvicorn.Config:
-    return uvicorn.Config(
-        asgi,
-        host=host,
-        port=port,
-        log_level=level,
-        lifespan="on",
-        ws=settings.ws_impl,
-        # JSON logs: uvicorn's loggers propagate to the root handler instead of their own.
-        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
-        # Frames up to 4x the protocol limit reach the gateway and get a clear error;
-        # only larger ones are cut by the transport (close 1009).
-        ws_max_size=4 * settings.max_frame_bytes,
-    )
-
-
-class _Server(uvicorn.Server):
-    """uvicorn server whose signals are handled by ``_serve_until_signal``."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn re-raises captured signals on exit: the process would die by SIGTERM
-        # (exit status 143) and `up` could not stop its Redis and demo worker after it.
-        yield
-
-
-async def _serve_until_signal(server: _Server, gateway: Gateway) -> None:
-    """Serve until SIGINT/SIGTERM; then close clients with 1012 (after flushing) and stop."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    serving = asyncio.create_task(server.serve(), name="uvicorn")
-    stopping = asyncio.create_task(stop.wait(), name="signals")
-    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    stopping.cancel()
-    if not serving.done():
-        await gateway.close_connections()
-        server.should_exit = True
-    await serving
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address [env HOST]")] = None,
@@ -123,9 +76,9 @@ def serve(
     from magi_gateway.server.app import create_app
 
     app = create_app(settings)
-    server = _Server(_uvicorn_config(app, settings, host or settings.host, port or settings.port, log_level))
+    server = Server(uvicorn_config(app, settings, host or settings.host, port or settings.port, log_level))
     with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
-        runner.run(_serve_until_signal(server, app.state.gateway))
+        runner.run(serve_until_signal(server, app.state.gateway))
 
 
 def load_agents(
@@ -168,27 +121,6 @@ def load_agents(
     return agents
 
 
-class _Runnable(Protocol):
-    """A worker or a legacy bridge: ``run`` until ``stop`` is called."""
-
-    async def run(self) -> None: ...
-
-    def stop(self) -> None: ...
-
-
-def _run_until_signal(runnable: _Runnable) -> None:
-    """Run on uvloop (when installed) until done; SIGINT/SIGTERM call ``stop``."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, runnable.stop)
-        await runnable.run()
-
-    with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-        runner.run(main())
-
-
 @app.command()
 def agent(
     names: Annotated[list[str] | None, typer.Argument(help=_AGENT_HELP)] = None,
@@ -225,16 +157,7 @@ def agent(
     )
     worker = Worker(agents, settings, concurrency=concurrency, burst=burst)
     console.print(f"worker {worker.worker_id} serving {', '.join(worker.agents)}", style="dim")
-    _run_until_signal(worker)
-
-
-def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (it comes with uvicorn[standard]), as uvicorn picks for the gateway."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - a platform without uvloop wheels
-        return None
-    return uvloop.new_event_loop
+    run_until_signal(worker)
 
 
 @app.command("legacy-bridge")
@@ -254,7 +177,7 @@ def legacy_bridge(
     console.print(
         f"legacy bridge {bridge.worker.worker_id} serving {', '.join(sorted(bridge.agent_ids))}", style="dim"
     )
-    _run_until_signal(bridge)
+    run_until_signal(bridge)
 
 
 @app.command()
@@ -305,11 +228,11 @@ async def _up(
     from magi_gateway.server.app import create_app
 
     gateway_app = create_app(settings)
-    server = _Server(_uvicorn_config(gateway_app, settings, host, port, "warning"))
+    server = Server(uvicorn_config(gateway_app, settings, host, port, "warning"))
     worker = Worker(agents or demo_agents(), settings)
     agent_ids: list[str] = list(worker.agents)
     worker_task = asyncio.create_task(worker.run(), name="agents")
-    server_task = asyncio.create_task(_serve_until_signal(server, gateway_app.state.gateway), name="gateway")
+    server_task = asyncio.create_task(serve_until_signal(server, gateway_app.state.gateway), name="gateway")
     try:
         while not server.started:
             if server_task.done():
