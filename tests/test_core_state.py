@@ -118,15 +118,17 @@ def test_outbox_low_water_mark() -> None:
 # -- notifications and frames ------------------------------------------------------------------
 
 
-def test_notification_round_trip_keeps_newlines_in_the_frame() -> None:
+def test_notification_round_trip() -> None:
     frame = session_head("agent_judgement_stream", SID) + b"7," + stream_tail("m", {"thinking": "a\nb"})
+    assert b"\n" not in frame  # compact JSON escapes newlines: they can separate fields
     data = notify_prefix(SID) + b"7\nagent_judgement_stream\n" + frame
     notification = decode_notification(data)
     assert notification.session_id == SID
-    assert notification.seq == 7
-    assert notification.type == b"agent_judgement_stream"
-    assert notification.frame == frame
     assert not notification.is_probe
+    (message,) = notification.messages
+    assert message.seq == 7
+    assert message.type == b"agent_judgement_stream"
+    assert message.frame == frame
     assert orjson.loads(frame) == {
         "type": "agent_judgement_stream",
         "session_id": SID,
@@ -136,13 +138,22 @@ def test_notification_round_trip_keeps_newlines_in_the_frame() -> None:
     }
 
 
+def test_a_batch_notification_carries_every_message_in_order() -> None:
+    data = notify_prefix(SID) + b'3\nagent_judgement_stream\n{}\n4\nagent_judgement_stream\n{"a":1}'
+    notification = decode_notification(data)
+    assert [(m.seq, m.frame) for m in notification.messages] == [(3, b"{}"), (4, b'{"a":1}')]
+
+
 def test_probe_notification() -> None:
     notification = decode_notification(probe_notification(b"tok"))
     assert notification.is_probe
-    assert notification.frame == b"tok"
+    assert notification.messages[0].frame == b"tok"
 
 
-@pytest.mark.parametrize("data", [b"", b"no newlines", b"sid\nNaN\nt\nf", b"\xff\xfe\n1\nt\nf", b"sid\n1\nt"])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"no newlines", b"sid\nNaN\nt\nf", b"\xff\xfe\n1\nt\nf", b"sid\n1\nt", b"sid\n1\nt\nf\n2\nt"],
+)
 def test_malformed_notifications_are_refused(data: bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_notification(data)

@@ -17,6 +17,8 @@ from redis.asyncio.client import PubSub
 
 from magi_gateway._util import now_ms
 from magi_gateway.agents import demo_agents
+from magi_gateway.core import frames
+from magi_gateway.core.notification import decode_notification
 from magi_gateway.core.session import ResultCode, new_session_id
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Request, Store
@@ -382,8 +384,8 @@ async def test_every_logged_message_is_published_to_the_owner(store: Store, owne
         payload = await next_notification(owner_channel)
         assert payload == f"{session_id}\n{seq}\n".encode() + kind + b"\n" + frame
         assert kind == orjson.loads(frame)["type"].encode()
-        # Splitting on the first three newlines recovers the frame even if it has newlines.
-        _sid, _seq, _kind, rest = payload.split(b"\n", 3)
+        # The frame holds no raw newline (compact JSON), so newlines separate the fields.
+        _sid, _seq, _kind, rest = payload.split(b"\n")
         assert orjson.loads(rest)["seq"] == seq
 
 
@@ -483,3 +485,37 @@ async def test_a_session_started_on_one_gateway_resumes_on_the_other(
             record.messages.append(message)
     assert_well_formed(record, AGENTS)  # the seqs continue at 5 with no gap and no duplicate
     assert record.complete["data"]["verdict"] == "reject"
+
+
+async def test_a_batch_of_chunks_is_one_call_one_notification_in_order(
+    store: Store, owner_channel: PubSub, redis_client: Redis
+) -> None:
+    first = await new_session(store, ["melchior", "casper"])
+    second = await new_session(store, ["melchior"])
+    await store.append_final(second, "melchior", ResultCode.OK, {})  # second: no chunk accepted now
+    # Two accepted messages, then the second session's final and complete.
+    kinds = [decode_notification(await next_notification(owner_channel)).messages[0].type for _ in range(4)]
+    assert kinds.count(b"agent_judgement_accepted") == 2
+    tails = [
+        frames.stream_tail(a, {"thinking": str(i)}) for i, a in enumerate(["melchior", "casper", "melchior"])
+    ]
+    results = await store.append_streams(
+        [
+            (first, "melchior", tails[0]),
+            (second, "melchior", tails[0]),
+            (first, "casper", tails[1]),
+            (first, "melchior", tails[2]),
+        ]
+    )
+    assert [getattr(r, "seq", r) for r in results] == [2, None, 3, 4]
+    payload = await next_notification(owner_channel)
+    decoded = decode_notification(payload)
+    assert decoded.session_id == first
+    assert [m.seq for m in decoded.messages] == [2, 3, 4]
+    logged = await store.read_log(first, 2)
+    assert [(s, k, f) for s, k, f in logged] == [(m.seq, m.type, m.frame) for m in decoded.messages]
+    assert [orjson.loads(f)["data"]["thinking"] for _, _, f in logged] == ["0", "1", "2"]
+    # Every key the session has so far has an expiry (results appear with the first final).
+    session_keys = Keys(store.keys.prefix).session(first)
+    for key in (session_keys.log, session_keys.seq, session_keys.meta, session_keys.pending):
+        assert await redis_client.pttl(key) > 0

@@ -1,12 +1,14 @@
-"""The notification a gateway instance receives for each message of a session (sans-I/O).
+"""The notification a gateway instance receives for the messages of a session (sans-I/O).
 
-The append script publishes, on the channel of the instance delivering the session::
+The append scripts publish, on the channel of the instance delivering the session,
+one notification per script call, carrying every message that call logged::
 
-    SESSION_ID "\\n" SEQ "\\n" TYPE "\\n" FRAME
+    SESSION_ID ( "\\n" SEQ "\\n" TYPE "\\n" FRAME )+
 
 ``FRAME`` is the stored frame, relayed to clients byte for byte; ``TYPE`` its message
-type, so nobody parses the frame to count it. A readiness probe is the same shape
-with an empty session id and the probe's token as its frame.
+type, so nobody parses the frame to count it. Frames are compact JSON, which never
+holds a raw newline, so newlines separate the fields. A readiness probe is the same
+shape with an empty session id and the probe's token as its frame.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from dataclasses import dataclass
 from magi_gateway.core.errors import ProtocolError
 from magi_gateway.core.ids import SessionId
 
-__all__ = ["Notification", "decode_notification", "notify_prefix", "probe_notification"]
+__all__ = ["Message", "Notification", "decode_notification", "notify_prefix", "probe_notification"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One logged message of a session, as notified."""
+
+    seq: int
+    type: bytes
+    frame: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,33 +35,41 @@ class Notification:
     """One decoded notification; ``session_id`` is empty for a readiness probe."""
 
     session_id: SessionId
-    seq: int
-    type: bytes
-    frame: bytes
+    messages: tuple[Message, ...]
 
     @property
     def is_probe(self) -> bool:
-        """Whether this is a readiness probe (its frame is the probe's token)."""
+        """Whether this is a readiness probe (its one frame is the probe's token)."""
         return not self.session_id
 
 
 def notify_prefix(session_id: str) -> bytes:
-    """The first line of a session's notifications (the script appends the rest)."""
+    """The start of a session's notifications (the script appends the messages)."""
     return session_id.encode() + b"\n"
 
 
 def probe_notification(token: bytes) -> bytes:
-    """A readiness probe carrying ``token``."""
+    """A readiness probe carrying ``token`` (no newline in it)."""
     return b"\n0\nprobe\n" + token
+
+
+def _malformed() -> ProtocolError:
+    return ProtocolError("malformed notification", code="bad_notification")
 
 
 def decode_notification(data: bytes) -> Notification:
     """Split a published notification; ``ProtocolError`` when it is not one (never trusted)."""
-    parts = data.split(b"\n", 3)
-    if len(parts) != 4 or not parts[1].isdigit():
-        raise ProtocolError("malformed notification", code="bad_notification")
+    parts = data.split(b"\n")
+    if len(parts) < 4 or (len(parts) - 1) % 3:
+        raise _malformed()
     try:
         session_id = parts[0].decode("ascii")
     except UnicodeDecodeError:
-        raise ProtocolError("malformed notification", code="bad_notification") from None
-    return Notification(SessionId(session_id), int(parts[1]), parts[2], parts[3])
+        raise _malformed() from None
+    messages = []
+    for i in range(1, len(parts), 3):
+        seq, kind, frame = parts[i : i + 3]
+        if not seq.isdigit():
+            raise _malformed()
+        messages.append(Message(int(seq), kind, frame))
+    return Notification(SessionId(session_id), tuple(messages))

@@ -36,6 +36,8 @@ __all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "Request", "Se
 
 #: The one write path of every session message (see the script's header).
 _APPEND_LUA = files("magi_gateway.redis").joinpath("lua/append.lua").read_text(encoding="utf-8")
+#: Thinking chunks, a batch of one session's in one call.
+_APPEND_CHUNKS_LUA = files("magi_gateway.redis").joinpath("lua/append_chunks.lua").read_text(encoding="utf-8")
 
 #: The readiness key expires by itself.
 _PROBE_TTL_MS = 5000
@@ -108,6 +110,7 @@ class Store(Liveness):
         self.max_session_messages = max_session_messages
         self.request_stream_maxlen = request_stream_maxlen
         self._append = redis.register_script(_APPEND_LUA)
+        self._append_chunks = redis.register_script(_APPEND_CHUNKS_LUA)
 
     # -- sessions --------------------------------------------------------------
 
@@ -268,49 +271,77 @@ class Store(Liveness):
         self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]
     ) -> AppendResult:
         """Append a thinking chunk; dropped once the agent has its final or the log is full."""
-        return await self._append_tail(session_id, agent_id, frames.stream_tail(agent_id, data))
+        (outcome,) = await self.append_streams([(session_id, agent_id, frames.stream_tail(agent_id, data))])
+        if isinstance(outcome, BackendUnavailable):
+            raise outcome
+        return outcome
 
     async def append_streams(
         self, chunks: Sequence[tuple[SessionId, AgentId, bytes]]
     ) -> list[AppendResult | BackendUnavailable]:
-        """Append several encoded chunks (``frames.stream_tail``) in one round trip, in order.
+        """Append encoded chunks (``frames.stream_tail``) in one round trip, in order.
 
-        Returns one outcome per chunk, so a failure fails only its own chunk. (When the
-        connection drops mid-pipeline nobody knows which appends ran: all of them fail,
-        and a retry may log some twice, as a single chunk whose reply was lost.) On a
-        Redis Cluster, whose pipelines refuse scripts, the appends run concurrently.
+        The chunks of one session go in one call of ``lua/append_chunks.lua`` (one
+        notification, one refresh of expiries for all of them); the calls for several
+        sessions share a pipeline. Returns one outcome per chunk, so a failure fails only
+        its own session's chunks. (When the connection drops mid-pipeline nobody knows
+        which appends ran: all of them fail, and a retry may log some twice, as a single
+        chunk whose reply was lost.) On a Redis Cluster, whose pipelines refuse scripts,
+        the sessions' calls run concurrently.
         """
+        by_session: dict[SessionId, list[int]] = {}
+        for index, (session_id, _agent, _tail) in enumerate(chunks):
+            by_session.setdefault(session_id, []).append(index)
+        groups = [(sid, [chunks[i][1:] for i in indexes], indexes) for sid, indexes in by_session.items()]
+        replies: list[Any]
         if isinstance(self.redis, RedisCluster):
-            done = await asyncio.gather(
-                *(self._append_tail(s, a, t) for s, a, t in chunks), return_exceptions=True
+            replies = await asyncio.gather(
+                *(self._run_chunks(sid, items) for sid, items, _ in groups), return_exceptions=True
             )
-            return [_outcome(result) for result in done]
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for session_id, agent_id, tail in chunks:
-                    keys = self.keys.session(session_id).all()
-                    args = self._append_args(session_id, "stream", "agent_judgement_stream", tail, agent_id)
-                    pipe.evalsha(self._append.sha, len(keys), *keys, *args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-        results: list[AppendResult | BackendUnavailable] = []
-        for (session_id, agent_id, tail), reply in zip(chunks, replies, strict=True):
+        else:
+            with redis_errors():
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for sid, items, _ in groups:
+                        keys, args = self._chunk_call(sid, items)
+                        pipe.evalsha(self._append_chunks.sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
+        results: list[AppendResult | BackendUnavailable] = [BackendUnavailable("not appended")] * len(chunks)
+        for (sid, items, indexes), reply in zip(groups, replies, strict=True):
             if isinstance(reply, NoScriptError):
-                # The script is not loaded (a new or restarted server): the single path loads it.
+                # The script is not loaded (a new or restarted server): the Script object loads it.
                 try:
-                    results.append(await self._append_tail(session_id, agent_id, tail))
+                    reply = await self._run_chunks(sid, items)
                 except BackendUnavailable as exc:
-                    results.append(exc)
-            elif isinstance(reply, Exception):
-                failure = BackendUnavailable("Backend temporarily unavailable")
-                failure.__cause__ = reply
-                results.append(failure)
-            else:
-                results.append(AppendResult(reply[0] if reply[0] > 0 else None))
+                    reply = exc
+            if isinstance(reply, BaseException):
+                if not isinstance(reply, Exception):
+                    raise reply  # CancelledError and the like: not an outcome
+                failure = reply if isinstance(reply, BackendUnavailable) else _unavailable(reply)
+                for index in indexes:
+                    results[index] = failure
+                continue
+            for index, code in zip(indexes, reply, strict=True):
+                results[index] = AppendResult(code if code > 0 else None)
         return results
 
-    async def _append_tail(self, session_id: SessionId, agent_id: AgentId, tail: bytes) -> AppendResult:
-        reply = await self._run_append(session_id, "stream", "agent_judgement_stream", tail, agent_id)
-        return AppendResult(reply[0] if reply[0] > 0 else None)
+    def _chunk_call(
+        self, session_id: SessionId, items: Sequence[tuple[AgentId, bytes]]
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``lua/append_chunks.lua``."""
+        args: list[Any] = [
+            frames.session_head("agent_judgement_stream", session_id),
+            self.keys.gateway_channel_prefix,
+            notify_prefix(session_id),
+        ]
+        for agent_id, tail in items:
+            args += (agent_id, tail)
+        return self.keys.session(session_id).all(), args
+
+    async def _run_chunks(self, session_id: SessionId, items: Sequence[tuple[AgentId, bytes]]) -> list[int]:
+        keys, args = self._chunk_call(session_id, items)
+        with redis_errors():
+            reply: list[int] = await self._append_chunks(keys=keys, args=args)
+        return reply
 
     async def append_final(
         self,
@@ -420,12 +451,8 @@ class Store(Liveness):
                 await pipe.execute()
 
 
-def _outcome(result: AppendResult | BaseException) -> AppendResult | BackendUnavailable:
-    """A concurrent append's result, any failure as ``BackendUnavailable`` (it is Redis's)."""
-    if isinstance(result, AppendResult | BackendUnavailable):
-        return result
-    if isinstance(result, Exception):
-        failure = BackendUnavailable("Backend temporarily unavailable")
-        failure.__cause__ = result
-        return failure
-    raise result  # CancelledError and the like: not an outcome
+def _unavailable(cause: Exception) -> BackendUnavailable:
+    """A Redis failure as the ``BackendUnavailable`` callers retry."""
+    failure = BackendUnavailable("Backend temporarily unavailable")
+    failure.__cause__ = cause
+    return failure

@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from magi_gateway._util import Backoff
 from magi_gateway.core.delivery import Action, SessionDelivery
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import ConnectionId, SessionId
+from magi_gateway.core.notification import Message
 from magi_gateway.redis.store import Store
 from magi_gateway.server import metrics
 from magi_gateway.server.outbox import Connection
@@ -117,16 +118,18 @@ class Delivery:
                 metrics.SESSIONS_COMPLETED.inc()  # once, where it started (not on replays)
             self.untrack(session)
 
-    def deliver(self, session_id: SessionId, seq: int, kind: bytes, frame: bytes) -> None:
-        """A live notification: send it now, drop it, or replay a gap first."""
-        session = self.sessions.get(session_id)
-        if session is None:
-            return
-        action = session.state.on_notification(seq)
-        if action is Action.SEND:
-            self.push(session, seq, kind, frame)
-        elif action is Action.REPLAY:
-            self.replay(session)
+    def deliver(self, session_id: SessionId, messages: Iterable[Message]) -> None:
+        """A live notification: send each message now, drop it, or replay a gap first."""
+        for message in messages:
+            session = self.sessions.get(session_id)
+            if session is None:
+                return
+            action = session.state.on_notification(message.seq)
+            if action is Action.SEND:
+                self.push(session, message.seq, message.type, message.frame)
+            elif action is Action.REPLAY:
+                self.replay(session)
+                return  # the replay reads the rest of this batch from the log
 
     def replay(self, session: LocalSession) -> None:
         """Start reading the log from the session's cursor, unless a replay runs already."""

@@ -97,13 +97,11 @@ class Listener:
                 return
             notification = decode_notification(data)
             if notification.is_probe:
-                probe = self._probes.pop(notification.frame, None)
+                probe = self._probes.pop(notification.messages[0].frame, None)
                 if probe is not None and not probe.done():
                     probe.set_result(None)
                 return
-            self.delivery.deliver(
-                notification.session_id, notification.seq, notification.type, notification.frame
-            )
+            self.delivery.deliver(notification.session_id, notification.messages)
         except ProtocolError:
             logger.warning("skipped a malformed notification on %r", channel)
         except Exception:
