@@ -177,6 +177,20 @@ async def test_repeated_request_id_replays_the_same_session(gateway: GatewayHand
     assert other.messages[0]["session_id"] != original.messages[0]["session_id"]
 
 
+async def test_colons_in_appid_and_request_id_do_not_make_requests_collide(gateway: GatewayHandle) -> None:
+    """``appA`` + ``x:r9`` and ``appA:x`` + ``r9`` are two requests (issue: idempotency keys collided)."""
+    async with await gateway.connect("appA") as ws:
+        first = await judge(ws, ["nobody"], request_id="x:r9")
+    async with await gateway.connect("appA:x") as ws:
+        second = await judge(ws, ["nobody"], request_id="r9")
+    assert second.messages[0]["session_id"] != first.messages[0]["session_id"]
+    assert second.messages[0]["request_id"] == "r9"
+    # The first tenant's retry is still its own request: the same session, not a new start.
+    async with await gateway.connect("appA") as ws:
+        retried = await judge(ws, ["nobody"], request_id="x:r9")
+    assert retried.messages == first.messages
+
+
 async def test_concurrent_duplicate_request_id_gets_the_same_session(gateway: GatewayHandle) -> None:
     async def replies(ws: websockets.ClientConnection) -> list[dict[str, Any]]:
         """Messages until the session completes, an error, or a quiet second."""

@@ -7,7 +7,7 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     P:s:{SID}:meta       hash     appid, owner instance, agents, deadline, completed
     P:s:{SID}:pending    set      agents that still owe a final
     P:s:{SID}:results    hash     agent -> {"result_code", "decision"} (for the verdict)
-    P:idem:APPID:RID     string   request_id -> session id (idempotency)
+    P:idem:LEN:APPID:RID string   request_id -> session id (idempotency; LEN = len(APPID))
     {P}:a:AGENT:requests stream   requests for one agent, consumer group ``workers``
     {P}:a:AGENT:workers  zset     live worker ids, score = heartbeat expiry (ms)
     {P}:agents           zset     agents with a live worker, score = expiry (ms)
@@ -95,8 +95,12 @@ class Keys:
         )
 
     def idempotency(self, appid: AppId, request_id: str) -> str:
-        """Maps a client's request_id to the session it started."""
-        return f"{self.prefix}:idem:{appid}:{request_id}"
+        """Maps a client's request_id to the session it started.
+
+        The appid is length-prefixed: both parts may hold ``:``, and ``appA`` + ``x:r9``
+        must not name the key of ``appA:x`` + ``r9``.
+        """
+        return f"{self.prefix}:idem:{len(appid)}:{appid}:{request_id}"
 
     def requests(self, agent_id: AgentId) -> str:
         """Request stream of one agent."""
