@@ -15,13 +15,14 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
-from magi_gateway._util import now_ms
+from magi_gateway._util import Backoff, now_ms
 from magi_gateway.agents import demo_agents
 from magi_gateway.core import frames
 from magi_gateway.core.notification import decode_notification
 from magi_gateway.core.session import ResultCode, new_session_id
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Request, Store
+from magi_gateway.server.sweeper import sweep_deadlines
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
@@ -519,3 +520,43 @@ async def test_a_batch_of_chunks_is_one_call_one_notification_in_order(
     session_keys = Keys(store.keys.prefix).session(first)
     for key in (session_keys.log, session_keys.seq, session_keys.meta, session_keys.pending):
         assert await redis_client.pttl(key) > 0
+
+
+async def test_a_session_left_between_its_last_final_and_its_completion_is_completed(
+    store: Store, redis_client: Redis
+) -> None:
+    """The last final and the completion are two script calls: if the second never runs
+    (a failure, a lost reply), the final's retry and the deadline sweep both complete it."""
+    for repair in ("retry", "sweep"):
+        session_id = await new_session(store, ["melchior"])
+        # The final alone, as the first of the two calls writes it.
+        summary = orjson.dumps({"result_code": 0, "decision": "approve"})
+        tail = frames.final_tail("melchior", 0, {"decision": "approve"})
+        await store._run_append(session_id, "final", "agent_judgement_final", tail, "melchior", summary)
+        assert [orjson.loads(f)["type"] for _, _, f in await store.read_log(session_id, 1)][-1] == (
+            "agent_judgement_final"
+        )
+        if repair == "retry":
+            again = await store.append_final(session_id, "melchior", ResultCode.OK, {"decision": "approve"})
+            assert again.seq is None  # refused as a second final
+        else:
+            sweep = asyncio.create_task(
+                sweep_deadlines(store, 0.1, lambda: Backoff(0.01, 0.1), now=lambda: now_ms() + 3_600_000)
+            )
+            try:
+                for _ in range(100):
+                    info = await store.session_info(session_id)
+                    if info is not None and info.completed:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                sweep.cancel()
+                await asyncio.gather(sweep, return_exceptions=True)
+        logged = [orjson.loads(f) for _, _, f in await store.read_log(session_id, 1)]
+        assert [m["type"] for m in logged] == [
+            "agent_judgement_accepted",
+            "agent_judgement_final",
+            "agent_judgement_complete",
+        ], repair
+        assert logged[-1]["data"]["verdict"] == "approve"
+        assert logged[-1]["seq"] == 3

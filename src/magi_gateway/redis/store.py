@@ -364,12 +364,39 @@ class Store(Liveness):
             agent_id,
             result,
         )
+        if reply[0] == _NOT_PENDING:
+            # This agent's final is in already; the call that wrote it may have failed
+            # before the completion (or its reply was lost and this is the retry).
+            await self.complete_if_done(session_id)
         if reply[0] < 0:
             return AppendResult(None)
         if reply[1] != 0:
             return AppendResult(reply[0])
-        agents: list[str] = orjson.loads(reply[2])
-        flat: list[bytes] = reply[3]
+        completed = await self._complete(session_id, orjson.loads(reply[2]), reply[3])
+        return AppendResult(reply[0], completed=completed)
+
+    async def complete_if_done(self, session_id: SessionId) -> bool:
+        """Write the completion of a session whose agents all have finals, if it is missing.
+
+        The last final and the completion are two script calls: this repairs a session
+        left between them (by the final path and by the deadline sweep). True when this
+        call wrote the completion.
+        """
+        keys = self.keys.session(session_id)
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hget(keys.meta, "agents")
+                pipe.hexists(keys.meta, "completed")
+                pipe.scard(keys.pending)
+                pipe.hgetall(keys.results)
+                agents, completed, pending, results = await pipe.execute()
+        if agents is None or completed or pending:
+            return False
+        flat = [part for item in results.items() for part in item]
+        return await self._complete(session_id, orjson.loads(agents), flat)
+
+    async def _complete(self, session_id: SessionId, agents: list[str], flat: list[bytes]) -> bool:
+        """Write ``agent_judgement_complete`` (once: the script refuses a second)."""
         by_agent = {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
         results = {a: by_agent[a] for a in agents if a in by_agent}
         verdict = compute_verdict(r.get("decision") for r in results.values())
@@ -381,7 +408,7 @@ class Store(Liveness):
         )
         if done[0] > 0:
             await self.clear_deadline(session_id)
-        return AppendResult(reply[0], completed=done[0] > 0)
+        return bool(done[0] > 0)
 
     async def finish_pending(self, info: SessionInfo, result_code: ResultCode, data: dict[str, Any]) -> None:
         """Give every agent still pending in ``info`` a final (in request order)."""

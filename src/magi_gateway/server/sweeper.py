@@ -24,16 +24,23 @@ logger = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 0.2
 
 
-async def sweep_deadlines(store: Store, timeout_s: float, backoff: Callable[[], Backoff]) -> None:
-    """Give agents still pending at their session's deadline a timeout final, forever."""
+async def sweep_deadlines(
+    store: Store, timeout_s: float, backoff: Callable[[], Backoff], *, now: Callable[[], int] = now_ms
+) -> None:
+    """Give agents still pending at their session's deadline a timeout final, forever.
+
+    ``now`` is the clock in milliseconds (tests move it forward).
+    """
     retry = backoff()
     error = f"Agent did not answer within {timeout_s:g}s"
     while True:
         try:
-            for session_id in await store.due_sessions(now_ms()):
+            for session_id in await store.due_sessions(now()):
                 info = await store.session_info(session_id)
                 if info is not None and not info.completed:
                     await store.finish_pending(info, ResultCode.TIMEOUT, {"error": error})
+                    # Also a session whose last final was logged but not its completion.
+                    await store.complete_if_done(session_id)
                 await store.clear_deadline(session_id)
             retry.reset()
             await asyncio.sleep(SWEEP_INTERVAL_S)
