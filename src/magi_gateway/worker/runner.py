@@ -11,8 +11,9 @@ with ``data.attempt`` (2, 3, ...).
 
 ``burst=True`` makes ``run`` return once the streams are empty and nothing runs.
 
-Shutdown (``stop``), top to bottom: stop reading, let running agents finish within
-``grace_s`` (the rest stay unacknowledged for another worker to take over), leave
+Start-up: every agent's ``setup``, then heartbeats and reading. Shutdown (``stop``),
+top to bottom: stop reading, let running agents finish within ``grace_s`` (the rest
+stay unacknowledged for another worker to take over), every agent's ``close``, leave
 the live set, close Redis.
 """
 
@@ -92,17 +93,28 @@ class Worker:
         self.processed = 0
 
     async def run(self) -> None:
-        """Serve requests until ``stop`` (or, in burst mode, until idle)."""
-        helpers = [
-            asyncio.create_task(self._heartbeat(), name="magi-heartbeat"),
-            asyncio.create_task(self._listen_for_cancels(), name="magi-cancels"),
-        ]
+        """Serve requests until ``stop`` (or, in burst mode, until idle).
+
+        Every agent's ``setup`` runs first, in order (one raising ends ``run`` with its
+        exception); after draining, ``close`` runs for every agent whose ``setup``
+        returned, however ``run`` ends.
+        """
+        helpers: list[asyncio.Task[None]] = []
+        ready: list[Agent] = []
         try:
+            for agent in self.agents.values():
+                await agent.setup()
+                ready.append(agent)
+            helpers = [
+                asyncio.create_task(self._heartbeat(), name="magi-heartbeat"),
+                asyncio.create_task(self._listen_for_cancels(), name="magi-cancels"),
+            ]
             await self._read_loop()
         finally:
             await self._drain()
             await cancel_and_wait(helpers)
             await self.appender.aclose()
+            await _close_agents(ready)
             try:
                 await self.store.retire_worker(self.worker_id, list(self.agents))
             except BackendUnavailable:
@@ -305,3 +317,12 @@ class Worker:
             await self.queue.ack(request)
         except BackendUnavailable:
             logger.warning("could not acknowledge %s", request.message_id)
+
+
+async def _close_agents(agents: Sequence[Agent]) -> None:
+    """``close`` every agent; one failing is logged and does not keep the others open."""
+    for agent in agents:
+        try:
+            await agent.close()
+        except Exception:
+            logger.exception("closing agent %s failed", agent.name)
