@@ -63,6 +63,8 @@ class Received:
 
     headers: dict[str, str]
     body: dict[str, Any]
+    #: The client's (host, port): one per TCP connection.
+    peer: tuple[str, int] | None = None
 
 
 @dataclass
@@ -84,7 +86,8 @@ class FakeLLM:
 
     async def chat_completions(self, request: Request) -> Response:
         body = await request.json()
-        self.requests.append(Received(dict(request.headers), body))
+        peer = (request.client.host, request.client.port) if request.client is not None else None
+        self.requests.append(Received(dict(request.headers), body, peer))
         if self.mode in {"429", "500"}:
             message = {"429": "Rate limit exceeded", "500": "The server had an error"}[self.mode]
             error = {"message": message, "type": "requests", "param": None, "code": "rate_limit_exceeded"}
@@ -428,6 +431,34 @@ async def test_a_provider_that_ignores_stream_true(
         "model": MODEL,
     }
     assert "".join(thinking(record, "melchior")) == ANSWER
+
+
+async def test_judgements_share_one_connection_and_close_ends_it(
+    gateway: GatewayHandle, settings: Settings, fake_llm: FakeLLM
+) -> None:
+    agent = LLMAgent("melchior", settings=llm_settings(fake_llm.base_url))
+    worker = Worker([agent], settings)
+    task = asyncio.create_task(worker.run())
+    try:
+        for _ in range(100):  # until the first heartbeat: the gateway then sees the agent live
+            if (await worker.store.live_worker_counts(["melchior"]))["melchior"]:
+                break
+            await asyncio.sleep(0.02)
+        client = agent.http_client
+        assert client is not None  # opened by setup, before any request
+        assert not client.is_closed
+        async with await gateway.connect() as ws:
+            for _ in range(2):
+                record = await judge(ws, ["melchior"], QUESTION)
+                assert record.finals["melchior"]["result_code"] == 0
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+    first, second = fake_llm.requests
+    assert first.peer is not None
+    assert first.peer == second.peer  # one TCP connection (and TLS session) for both
+    assert client.is_closed  # the worker's shutdown closed the agent
+    assert agent.http_client is None
 
 
 async def test_agent_llm_command_and_agents_file(

@@ -391,6 +391,69 @@ async def test_stop_with_every_slot_busy_still_honours_grace(settings: Settings,
     await asyncio.wait_for(task, 3)
 
 
+class Lifecycle(Agent):
+    """Records its hooks and judgements in a shared list, in order."""
+
+    def __init__(self, name: str, events: list[str], *, fail_setup: bool = False) -> None:
+        self.name = name
+        self.events = events
+        self.fail_setup = fail_setup
+
+    async def setup(self) -> None:
+        self.events.append(f"{self.name} setup")
+        if self.fail_setup:
+            raise RuntimeError("no model today")
+
+    async def close(self) -> None:
+        self.events.append(f"{self.name} close")
+
+    async def judge(self, user_input: str, ctx: Context) -> Judgement:
+        self.events.append(f"{self.name} judge")
+        await asyncio.sleep(0.2)
+        self.events.append(f"{self.name} judged")
+        return Judgement("done")
+
+
+async def test_setup_runs_before_requests_and_close_after_draining(settings: Settings, store: Store) -> None:
+    events: list[str] = []
+    await queue_sessions(store, "first", ["x"])
+    worker = Worker([Lifecycle("first", events), Lifecycle("second", events)], settings, grace_s=10)
+    task = asyncio.create_task(worker.run())
+    while "first judge" not in events:
+        assert not task.done()
+        await asyncio.sleep(0.01)
+    worker.stop()  # while the judgement runs: it is drained before the agents close
+    await asyncio.wait_for(task, 15)
+    assert events == [
+        "first setup",
+        "second setup",
+        "first judge",
+        "first judged",
+        "first close",
+        "second close",
+    ]
+
+
+async def test_close_runs_when_a_setup_fails(settings: Settings, store: Store) -> None:
+    events: list[str] = []
+    agents = [
+        Lifecycle("first", events),
+        Lifecycle("second", events, fail_setup=True),
+        Lifecycle("third", events),
+    ]
+    worker = Worker(agents, settings, burst=True)
+    with pytest.raises(RuntimeError, match="no model today"):
+        await run_burst(worker)
+    # Only agents whose setup returned are closed; nothing was read.
+    assert events == ["first setup", "second setup", "first close"]
+    assert worker.processed == 0
+    assert await store.live_worker_counts(["first", "second", "third"]) == {
+        "first": 0,
+        "second": 0,
+        "third": 0,
+    }
+
+
 def test_worker_needs_an_agent(settings: Settings) -> None:
     with pytest.raises(ValueError, match="agent"):
         Worker([], settings)

@@ -6,7 +6,9 @@
         magi-gateway agent llm --name melchior --persona scientist
 
 Each request is one streamed ``POST {LLM_BASE_URL}/chat/completions``: the persona's
-prompt as the system message, the user input as the user message. Tokens (and the
+prompt as the system message, the user input as the user message. The agent keeps one
+HTTP client from ``setup`` to ``close`` (or from its first judgement), so judgements
+reuse its connections (and TLS sessions) to the provider. Tokens (and the
 reasoning of models that stream it apart) are sent as thinking chunks, grouped at line
 and sentence ends, at about 80 characters or every 100 ms. The judgement is the whole
 answer without its decision line, ``DECISION: approve|reject|abstain`` (see ``_answer``);
@@ -24,8 +26,9 @@ Personas are prompt files: ``scientist`` (MELCHIOR), ``mother`` (BALTHASAR) and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,10 @@ PERSONAS = ("scientist", "mother", "woman")
 MAGI_PERSONAS = {"melchior": "scientist", "balthasar": "mother", "casper": "woman"}
 
 _MAX_ERROR_BODY_BYTES = 64 * 1024
+# After the end of the answer: how long, and how many lines, to read on for the end of
+# the response, which lets the connection be reused (else it is closed).
+_END_WAIT_S = 0.25
+_END_MAX_LINES = 64
 
 
 class LLMSettings(BaseSettings):
@@ -140,6 +147,30 @@ class LLMAgent(Agent):
         self.system_prompt = system_prompt
         self.settings = settings if settings is not None else LLMSettings()
         self.url = httpx.URL(f"{self.settings.base_url}/chat/completions")
+        #: The HTTP client judgements share, from ``setup`` (or the first judgement) to ``close``.
+        self.http_client: httpx.AsyncClient | None = None
+
+    async def setup(self) -> None:
+        """Open the HTTP client (its connections open with the first requests)."""
+        self._client()
+
+    async def close(self) -> None:
+        """Close the HTTP client and its connections."""
+        client, self.http_client = self.http_client, None
+        if client is not None:
+            await client.aclose()
+
+    def _client(self) -> httpx.AsyncClient:
+        if self.http_client is None:
+            settings = self.settings
+            timeout = httpx.Timeout(
+                settings.stall_timeout_s, connect=settings.connect_timeout_s, pool=settings.connect_timeout_s
+            )
+            # No cap on connections: each judgement may need its own, as it had before
+            # the client was shared (a cap would queue judgements behind each other).
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
+            self.http_client = httpx.AsyncClient(timeout=timeout, limits=limits)
+        return self.http_client
 
     def request_body(self, user_input: str) -> dict[str, Any]:
         """The JSON body of the chat-completions request for ``user_input``."""
@@ -186,20 +217,14 @@ class LLMAgent(Agent):
 
     async def _stream(self, user_input: str, take: Callable[[ChatDelta], Awaitable[None]]) -> None:
         """POST the request and hand every event of the answer to ``take``."""
-        settings = self.settings
-        timeout = httpx.Timeout(
-            settings.stall_timeout_s, connect=settings.connect_timeout_s, pool=settings.connect_timeout_s
-        )
         headers = {"Accept": "text/event-stream"}
-        if settings.api_key is not None:
-            headers["Authorization"] = f"Bearer {settings.api_key.get_secret_value()}"
+        if self.settings.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.settings.api_key.get_secret_value()}"
         body = self.request_body(user_input)
+        client = self._client()
         responded = False
         try:
-            async with (
-                httpx.AsyncClient(timeout=timeout) as client,
-                client.stream("POST", self.url, json=body, headers=headers) as response,
-            ):
+            async with client.stream("POST", self.url, json=body, headers=headers) as response:
                 responded = True
                 if response.is_error:
                     reason = provider_error(await _read_some(response), response.reason_phrase)
@@ -208,9 +233,11 @@ class LLMAgent(Agent):
                     await take(parse_completion(await response.aread()))
                     return
                 decoder = SSEDecoder()
-                async for line in response.aiter_lines():
+                lines = response.aiter_lines()
+                async for line in lines:
                     data = decoder.feed(line)
                     if data is not None and await _take_event(data, take):
+                        await _read_to_end(lines)
                         return
                 if (data := decoder.close()) is not None:
                     await _take_event(data, take)
@@ -242,6 +269,21 @@ async def _take_event(data: str, take: Callable[[ChatDelta], Awaitable[None]]) -
     if delta.content or delta.reasoning:
         await take(delta)
     return delta.done
+
+
+async def _read_to_end(lines: AsyncIterator[str]) -> None:
+    """Read what follows ``[DONE]`` (normally nothing), so the response completes.
+
+    httpx reuses a connection only after a complete response; a provider that sends
+    more, or keeps the stream open, is given up on quickly (its connection is closed).
+    """
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(_END_WAIT_S):
+            count = 0
+            async for _line in lines:
+                count += 1
+                if count >= _END_MAX_LINES:
+                    return
 
 
 async def _read_some(response: httpx.Response) -> bytes:

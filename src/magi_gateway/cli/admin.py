@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
@@ -24,7 +23,8 @@ from rich.table import Table
 from magi_gateway._util import now_ms
 from magi_gateway.core.admin import MAX_BROADCAST_CHARS, AdminCommand, CommandName, sign_command
 from magi_gateway.core.errors import BackendUnavailable
-from magi_gateway.redis.client import connect, open_pubsub, redis_errors
+from magi_gateway.redis.admin import publish_and_collect
+from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
@@ -51,28 +51,17 @@ async def send_command(
     keys = Keys(settings.redis_key_prefix)
     nonce = secrets.token_hex(12)
     reply_to = keys.admin_reply_channel(nonce)
-    answers: list[dict[str, Any]] = []
+    signed = sign_command(AdminCommand(command, now_ms(), nonce, reply_to, args, keys.admin_channel), secret)
     try:
-        with redis_errors():
-            pubsub = await open_pubsub(redis)
-            await pubsub.subscribe(reply_to)
-            try:
-                signed = sign_command(
-                    AdminCommand(command, now_ms(), nonce, reply_to, args, keys.admin_channel), secret
-                )
-                await redis.publish(keys.admin_channel, signed)
-                deadline = time.monotonic() + wait_s
-                while (left := deadline - time.monotonic()) > 0:
-                    message = await pubsub.get_message(timeout=left)
-                    if message is not None:
-                        try:
-                            answers.append(orjson.loads(message["data"]))
-                        except orjson.JSONDecodeError:
-                            continue  # not an instance's answer
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        replies = await publish_and_collect(redis, keys.admin_channel, signed, reply_to, wait_s)
     finally:
         await redis.aclose()
+    answers: list[dict[str, Any]] = []
+    for reply in replies:
+        try:
+            answers.append(orjson.loads(reply))
+        except orjson.JSONDecodeError:
+            continue  # not an instance's answer
     return answers
 
 

@@ -24,7 +24,7 @@ is then per node.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -41,7 +41,7 @@ from magi_gateway.redis.sentinel import FailoverPool
 from magi_gateway.redis.urls import parse_cluster_url, parse_sentinel_url
 from magi_gateway.settings import Settings
 
-__all__ = ["RedisClient", "connect", "open_pubsub", "redis_errors"]
+__all__ = ["RedisClient", "connect", "listen", "open_pubsub", "redis_errors"]
 
 #: A client of one server (or a Sentinel-managed master), or of a Redis Cluster.
 RedisClient = Redis | RedisCluster
@@ -110,6 +110,34 @@ async def open_pubsub(client: RedisClient) -> PubSub:
         # slot map: refresh it at each (re)subscription, or a failed-over node is kept.
         await client.nodes_manager.initialize()
     return client.pubsub(ignore_subscribe_messages=True)
+
+
+async def listen(
+    client: RedisClient,
+    channels: Sequence[str],
+    on_message: Callable[[bytes, bytes], None],
+    *,
+    on_subscribed: Callable[[], None] | None = None,
+) -> None:
+    """Subscribe to ``channels`` and call ``on_message(channel, data)`` for each message.
+
+    Runs until the subscription fails (``BackendUnavailable``: the caller reconnects with
+    backoff) or it is cancelled; ``on_subscribed`` is called once the subscription is in
+    place. The read blocks without a timeout: cancelling a read with a timeout can be
+    lost when both happen at once (``asyncio.timeout`` in 3.11), hanging shutdown.
+    """
+    pubsub: PubSub | None = None
+    try:
+        with redis_errors():
+            pubsub = await open_pubsub(client)
+            await pubsub.subscribe(*channels)
+            if on_subscribed is not None:
+                on_subscribed()
+            async for message in pubsub.listen():
+                on_message(message["channel"], message["data"])
+    finally:
+        if pubsub is not None:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 @contextmanager

@@ -12,12 +12,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from redis.asyncio.client import PubSub
-
 from magi_gateway._util import Backoff
 from magi_gateway.core.errors import BackendUnavailable, ProtocolError
 from magi_gateway.core.notification import decode_notification
-from magi_gateway.redis.client import RedisClient, open_pubsub, redis_errors
+from magi_gateway.redis.client import RedisClient, listen
 from magi_gateway.server import metrics
 from magi_gateway.server.delivery import Delivery
 
@@ -63,31 +61,26 @@ class Listener:
         """Listen until cancelled, reconnecting with backoff."""
         backoff = self._backoff()
         admin = self.admin_channel.encode() if self.admin_channel else None
+        channels = [self.channel, *([self.admin_channel] if self.admin_channel else [])]
         while True:
-            pubsub: PubSub | None = None
             try:
-                with redis_errors():
-                    pubsub = await open_pubsub(self.redis)
-                    await pubsub.subscribe(
-                        self.channel, *([self.admin_channel] if self.admin_channel else [])
-                    )
-                if backoff.failures:
-                    metrics.REDIS_RECONNECTS.inc()
-                    logger.info("notification subscription restored")
-                    self.delivery.replay_all()
-                backoff.reset()
-                self.subscribed.set()
-                with redis_errors():
-                    # A blocking read: cancellation of a read with a timeout can be lost
-                    # when both happen at once (asyncio.timeout in 3.11), hanging shutdown.
-                    async for message in pubsub.listen():
-                        self._handle(message["channel"], message["data"], admin)
+                await listen(
+                    self.redis,
+                    channels,
+                    lambda channel, data: self._handle(channel, data, admin),
+                    on_subscribed=lambda: self._subscribed(backoff),
+                )
             except BackendUnavailable as exc:
                 self.subscribed.clear()
                 await asyncio.sleep(backoff.failed(logger, "notification subscription", exc))
-            finally:
-                if pubsub is not None:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _subscribed(self, backoff: Backoff) -> None:
+        if backoff.failures:
+            metrics.REDIS_RECONNECTS.inc()
+            logger.info("notification subscription restored")
+            self.delivery.replay_all()
+        backoff.reset()
+        self.subscribed.set()
 
     def _handle(self, channel: bytes, data: bytes, admin: bytes | None) -> None:
         try:

@@ -42,9 +42,10 @@ from magi_gateway._util import Backoff
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode
-from magi_gateway.redis.client import connect, redis_errors
+from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import REQUEST_STREAM_TTL_MS, Store
+from magi_gateway.redis.legacy import FINAL_TAG, LegacyLists
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
@@ -57,46 +58,8 @@ Kind = Literal["stream", "final"]
 _TYPES: dict[str, Kind] = {"agent_judgement_stream": "stream", "agent_judgement_final": "final"}
 # Session ids as ``session.new_session_id`` makes them; anything else names no session.
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
-# Marks finals in the processing list. 0xFF occurs in no UTF-8 text, so no JSON starts with it.
-_FINAL_TAG = b"\xff"
 _RESULT_CODES = frozenset(int(c) for c in ResultCode)
 _SESSION_CACHE_SIZE = 4096  # sessions whose agents are remembered; overflow: evict the oldest
-
-_MOVE_LUA = """
--- KEYS: stream_list final_list processing   ARGV: pop_command max ttl_ms final_tag
-local moved, max = 0, tonumber(ARGV[2])
-while moved < max do
-  local item = redis.call(ARGV[1], KEYS[1])
-  if not item then break end
-  redis.call('LPUSH', KEYS[3], item)
-  moved = moved + 1
-end
--- Finals only once no chunk waits: every chunk pushed before a final is then ahead of it.
-if redis.call('LLEN', KEYS[1]) == 0 then
-  while moved < max do
-    local item = redis.call(ARGV[1], KEYS[2])
-    if not item then break end
-    redis.call('LPUSH', KEYS[3], ARGV[4] .. item)
-    moved = moved + 1
-  end
-end
-if moved > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[3]) end
-return moved
-"""
-
-_LEASE_LUA = """
--- KEYS: lease   ARGV: holder ttl_ms (0: release)
-local holder = redis.call('GET', KEYS[1])
-if ARGV[2] == '0' then
-  if holder == ARGV[1] then redis.call('DEL', KEYS[1]) end
-  return 0
-end
-if holder == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-if holder then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
 
 # -- the wire formats (no I/O) ---------------------------------------------------------------
 
@@ -231,9 +194,9 @@ class LegacyBridge:
         self.redis = connect(self.settings, client_name="magi-legacy-bridge")
         self.store = Store(self.redis, Keys(self.settings.redis_key_prefix))
         # Backends use one end of the lists; the bridge the other, so both sides are FIFO.
-        self._backend_left = self.settings.legacy_backend_end == "left"
-        self._move = self.redis.register_script(_MOVE_LUA)
-        self._lease = self.redis.register_script(_LEASE_LUA)
+        self.legacy = LegacyLists(
+            self.redis, self.lists, backend_left=self.settings.legacy_backend_end == "left"
+        )
         self._holder = self.worker.worker_id
         self._lease_ms = int(self.settings.worker_ttl_s * 1000)
         self._renew_at = 0.0
@@ -262,8 +225,7 @@ class LegacyBridge:
             await asyncio.wait(tasks, timeout=self.grace_s + self.worker.grace_s)
             await cancel_and_wait(tasks)
             try:
-                with redis_errors():
-                    await self._lease(keys=[self.lists.lease], args=[self._holder, 0])
+                await self.legacy.release_lease(self._holder)
             except BackendUnavailable:
                 logger.warning("could not release the legacy relay lease; it expires by itself")
             await self.redis.aclose()
@@ -282,14 +244,7 @@ class LegacyBridge:
         async with self._push_order:
             while True:
                 try:
-                    with redis_errors():
-                        async with self.redis.pipeline(transaction=True) as pipe:
-                            if self._backend_left:
-                                pipe.rpush(self.lists.requests, payload)
-                            else:
-                                pipe.lpush(self.lists.requests, payload)
-                            pipe.pexpire(self.lists.requests, REQUEST_STREAM_TTL_MS)
-                            await pipe.execute()
+                    await self.legacy.push_request(payload)
                     return
                 except BackendUnavailable:
                     # The worker's deadline bounds this; a lost reply may queue it twice.
@@ -333,8 +288,7 @@ class LegacyBridge:
         now = time.monotonic()
         if self._leader and now < self._renew_at:
             return True
-        with redis_errors():
-            held = bool(await self._lease(keys=[self.lists.lease], args=[self._holder, self._lease_ms]))
+        held = await self.legacy.hold_lease(self._holder, self._lease_ms)
         if held != self._leader:
             logger.info("%s relaying legacy responses", "now" if held else "no longer")
         self._leader = held
@@ -343,50 +297,28 @@ class LegacyBridge:
 
     async def _take_batch(self) -> int:
         """Move up to ``batch_size`` responses into the processing list, in order."""
-        with redis_errors():
-            moved: int = await self._move(
-                keys=[self.lists.stream_responses, self.lists.final_responses, self.lists.processing],
-                args=[
-                    "RPOP" if self._backend_left else "LPOP",
-                    self.batch_size,
-                    REQUEST_STREAM_TTL_MS,
-                    _FINAL_TAG,
-                ],
-            )
-        return moved
+        return await self.legacy.move_batch(self.batch_size)
 
     async def _wait_for_chunk(self) -> bool:
         """Block until a chunk arrives (and move it), or ``idle_wait_s`` passes for finals."""
-        with redis_errors():
-            moved = await self.redis.blmove(
-                self.lists.stream_responses,
-                self.lists.processing,
-                self.idle_wait_s,  # type: ignore[arg-type]  # Redis 6+ takes fractional seconds
-                "RIGHT" if self._backend_left else "LEFT",
-                "LEFT",
-            )
-            if moved is not None:
-                await self.redis.pexpire(self.lists.processing, REQUEST_STREAM_TTL_MS)
-        return moved is not None
+        return await self.legacy.wait_for_chunk(self.idle_wait_s)
 
     async def _deliver_processing(self) -> None:
         """Deliver the processing list oldest first (its right end), removing each when done."""
         while not self._stopping.is_set():
-            with redis_errors():
-                entries: Any = await self.redis.lrange(self.lists.processing, -self.batch_size, -1)
+            entries = await self.legacy.oldest_processing(self.batch_size)
             if not entries:
                 return
             for entry in reversed(entries):
                 await self._deliver(entry)
-                with redis_errors():
-                    # Only the lease holder pops here, so the right end is still this entry.
-                    await self.redis.rpop(self.lists.processing)
+                # Only the lease holder pops here, so the right end is still this entry.
+                await self.legacy.pop_processing()
                 if self._stopping.is_set():
                     return
 
     async def _deliver(self, entry: bytes) -> None:
-        final = entry.startswith(_FINAL_TAG)
-        raw = entry[len(_FINAL_TAG) :] if final else entry
+        final = entry.startswith(FINAL_TAG)
+        raw = entry[len(FINAL_TAG) :] if final else entry
         response = parse_legacy_response(raw, "final" if final else "stream")
         if isinstance(response, str):
             self._drop(response, raw)

@@ -11,8 +11,9 @@ with ``data.attempt`` (2, 3, ...).
 
 ``burst=True`` makes ``run`` return once the streams are empty and nothing runs.
 
-Shutdown (``stop``), top to bottom: stop reading, let running agents finish within
-``grace_s`` (the rest stay unacknowledged for another worker to take over), leave
+Start-up: every agent's ``setup``, then heartbeats and reading. Shutdown (``stop``),
+top to bottom: stop reading, let running agents finish within ``grace_s`` (the rest
+stay unacknowledged for another worker to take over), every agent's ``close``, leave
 the live set, close Redis.
 """
 
@@ -26,18 +27,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio.client import PubSub
-from redis.exceptions import ResponseError
-
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import AgentError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode
 from magi_gateway.logs import session_id_var
-from magi_gateway.redis.client import RedisClient, connect, open_pubsub, redis_errors
-from magi_gateway.redis.keys import WORKER_GROUP, Keys
-from magi_gateway.redis.store import Request, Store
+from magi_gateway.redis.client import RedisClient, connect
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.requests import Request, RequestQueue
+from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.appender import ChunkAppender
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
@@ -85,6 +84,7 @@ class Worker:
         self.keys = Keys(self.settings.redis_key_prefix)
         self.redis = redis if redis is not None else connect(self.settings, client_name="magi-worker")
         self.store = Store(self.redis, self.keys)
+        self.queue = RequestQueue(self.redis, self.keys, list(self.agents), self.worker_id)
         self.appender = ChunkAppender(self.store)
         self.claim_idle_ms = int(self.settings.worker_claim_idle_s * 1000)
         self._jobs: dict[bytes, _Job] = {}
@@ -94,17 +94,28 @@ class Worker:
         self.processed = 0
 
     async def run(self) -> None:
-        """Serve requests until ``stop`` (or, in burst mode, until idle)."""
-        helpers = [
-            asyncio.create_task(self._heartbeat(), name="magi-heartbeat"),
-            asyncio.create_task(self._listen_for_cancels(), name="magi-cancels"),
-        ]
+        """Serve requests until ``stop`` (or, in burst mode, until idle).
+
+        Every agent's ``setup`` runs first, in order (one raising ends ``run`` with its
+        exception); after draining, ``close`` runs for every agent whose ``setup``
+        returned, however ``run`` ends.
+        """
+        helpers: list[asyncio.Task[None]] = []
+        ready: list[Agent] = []
         try:
+            for agent in self.agents.values():
+                await agent.setup()
+                ready.append(agent)
+            helpers = [
+                asyncio.create_task(self._heartbeat(), name="magi-heartbeat"),
+                asyncio.create_task(self._listen_for_cancels(), name="magi-cancels"),
+            ]
             await self._read_loop()
         finally:
             await self._drain()
             await cancel_and_wait(helpers)
             await self.appender.aclose()
+            await _close_agents(ready)
             try:
                 await self.store.retire_worker(self.worker_id, list(self.agents))
             except BackendUnavailable:
@@ -116,18 +127,6 @@ class Worker:
         self._stopping.set()
 
     # -- reading -------------------------------------------------------------------
-
-    async def _ensure_groups(self) -> None:
-        for agent_id in self.agents:
-            try:
-                with redis_errors():
-                    await self.redis.xgroup_create(
-                        self.keys.requests(agent_id), WORKER_GROUP, id="0", mkstream=True
-                    )
-            except BackendUnavailable as exc:
-                if isinstance(exc.__cause__, ResponseError) and "BUSYGROUP" in str(exc.__cause__):
-                    continue
-                raise
 
     async def _free_slots(self) -> int:
         """Wait for a free slot; 0 when stopping."""
@@ -146,7 +145,7 @@ class Worker:
         while (free := await self._free_slots()) > 0:
             try:
                 if not groups_ready:
-                    await self._ensure_groups()
+                    await self.queue.ensure_groups()
                     groups_ready = True
                 batch: list[tuple[Request, int]] | None = await self._take_over(free)
                 if not batch:
@@ -168,25 +167,9 @@ class Worker:
 
     async def _read_new(self, count: int) -> list[tuple[Request, int]] | None:
         """New requests (None when ``stop`` interrupted the blocking read)."""
-        streams: Any = {self.keys.requests(a): ">" for a in self.agents}
-        read = asyncio.ensure_future(
-            self.redis.xreadgroup(WORKER_GROUP, self.worker_id, streams, count=count, block=_READ_BLOCK_MS)
-        )
-        stop = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({read, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if not read.done():
-            # Entries this read may still deliver stay pending and are taken over later.
-            read.cancel()
-            await asyncio.gather(read, return_exceptions=True)
-            return None
-        with redis_errors():
-            reply: Any = read.result()
-        return [
-            (Request.from_fields(message_id, fields), 1)
-            for _stream, entries in reply or []
-            for message_id, fields in entries
-        ]
+        # Entries an interrupted read may still deliver stay pending and are taken over later.
+        requests = await self.queue.read_new(count, self._stopping, _READ_BLOCK_MS)
+        return None if requests is None else [(request, 1) for request in requests]
 
     async def _take_over(self, count: int) -> list[tuple[Request, int]]:
         """Claim requests whose worker went silent; fail those past the delivery limit."""
@@ -196,26 +179,16 @@ class Worker:
         self._last_claim = now
         taken: list[tuple[Request, int]] = []
         for agent_id in self.agents:
-            stream = self.keys.requests(agent_id)
-            with redis_errors():
-                stale: Any = await self.redis.xpending_range(
-                    stream, WORKER_GROUP, min="-", max="+", count=count, idle=self.claim_idle_ms
-                )
-            for entry in stale:
-                if entry["message_id"] in self._jobs:
+            for entry in await self.queue.stale(agent_id, count, self.claim_idle_ms):
+                if entry.message_id in self._jobs:
                     continue  # ours and running; its refresh was merely late
-                with redis_errors():
-                    claimed: Any = await self.redis.xclaim(
-                        stream, WORKER_GROUP, self.worker_id, self.claim_idle_ms, [entry["message_id"]]
-                    )
-                if not claimed or claimed[0][1] is None:
+                request = await self.queue.claim(agent_id, entry.message_id, self.claim_idle_ms)
+                if request is None:
                     continue  # another worker was faster, or the entry is gone
-                message_id, fields = claimed[0]
-                request = Request.from_fields(message_id, fields)
-                attempt = int(entry["times_delivered"]) + 1
+                attempt = entry.times_delivered + 1
                 logger.warning(
                     "taking over request %s of session %s (attempt %d)",
-                    message_id,
+                    request.message_id,
                     request.session_id,
                     attempt,
                 )
@@ -237,37 +210,18 @@ class Worker:
         while True:
             try:
                 await self.store.heartbeat(self.worker_id, list(self.agents), ttl_ms)
-                await self._refresh_jobs()
+                await self.queue.refresh([job.request for job in self._jobs.values()])
             except BackendUnavailable:
                 logger.debug("heartbeat failed; Redis unavailable")
             await asyncio.sleep(self.settings.worker_heartbeat_interval_s)
 
-    async def _refresh_jobs(self) -> None:
-        """Reset the idle time of running requests so no other worker takes them over."""
-        by_stream: dict[str, list[Any]] = {}
-        for job in self._jobs.values():
-            by_stream.setdefault(self.keys.requests(job.request.agent_id), []).append(job.request.message_id)
-        for stream, ids in by_stream.items():
-            with redis_errors():
-                # JUSTID: reset idle time without counting a new delivery.
-                await self.redis.xclaim(stream, WORKER_GROUP, self.worker_id, 0, ids, justid=True)
-
     async def _listen_for_cancels(self) -> None:
         backoff = Backoff.for_settings(self.settings)
         while True:
-            pubsub: PubSub | None = None
             try:
-                with redis_errors():
-                    pubsub = await open_pubsub(self.redis)
-                    await pubsub.subscribe(self.keys.cancel_channel)
-                    backoff.reset()
-                    async for message in pubsub.listen():  # blocking read: see Gateway._listen
-                        self._cancel_session(SessionId(message["data"].decode()))
+                await self.queue.watch_cancels(self._cancel_session, on_subscribed=backoff.reset)
             except BackendUnavailable:
                 await asyncio.sleep(backoff.next_delay())
-            finally:
-                if pubsub is not None:
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _cancel_session(self, session_id: SessionId) -> None:
         for job in self._jobs.values():
@@ -360,12 +314,16 @@ class Worker:
 
     async def _ack(self, request: Request) -> None:
         """Acknowledge and delete the request: it is done, nobody needs it again."""
-        stream = self.keys.requests(request.agent_id)
         try:
-            with redis_errors():
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.xack(stream, WORKER_GROUP, request.message_id)
-                    pipe.xdel(stream, request.message_id)
-                    await pipe.execute()
+            await self.queue.ack(request)
         except BackendUnavailable:
             logger.warning("could not acknowledge %s", request.message_id)
+
+
+async def _close_agents(agents: Sequence[Agent]) -> None:
+    """``close`` every agent; one failing is logged and does not keep the others open."""
+    for agent in agents:
+        try:
+            await agent.close()
+        except Exception:
+            logger.exception("closing agent %s failed", agent.name)

@@ -100,9 +100,22 @@ class Context:
 
 
 class Agent:
-    """Base class for agents: set ``name`` and implement ``judge``."""
+    """Base class for agents: set ``name`` and implement ``judge``.
+
+    ``setup`` and ``close`` are lifecycle hooks for what an agent keeps across
+    judgements (an HTTP client, a model, a database pool): the worker awaits ``setup``
+    of each agent once, before it reads any request, and ``close`` once at shutdown,
+    after the running judgements are drained (or cancelled), also when the worker
+    fails. ``close`` is called only if ``setup`` returned. Both do nothing by default.
+    """
 
     name: str = ""
+
+    async def setup(self) -> None:
+        """Acquire what the agent needs across judgements; called once before the first."""
+
+    async def close(self) -> None:
+        """Release what ``setup`` (or a judgement) acquired; called once at worker shutdown."""
 
     async def judge(self, user_input: str, ctx: Context) -> Judgement | str:
         """Judge ``user_input``; stream with ``ctx.think``; return the judgement."""
