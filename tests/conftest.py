@@ -139,7 +139,7 @@ async def start_worker(
         # Wait for the first heartbeat, so the gateway sees the agents as live.
         ids = list(worker.agents)
         for _ in range(200):
-            counts = await worker.store.live_worker_counts(ids)
+            counts = await worker.store.liveness.live_worker_counts(ids)
             if all(counts.values()):
                 break
             if task.done():

@@ -125,11 +125,11 @@ async def test_two_gateway_processes_and_an_agent_process(
             gateways.append(handle)
         store = Store(redis_client, Keys(key_prefix))
         for _ in range(300):
-            if sorted(await store.live_agents()) == sorted(DEMO):
+            if sorted(await store.liveness.live_agents()) == sorted(DEMO):
                 break
             assert worker.poll() is None, "agent process exited"
             await asyncio.sleep(0.1)
-        assert await store.live_agents() == dict.fromkeys(sorted(DEMO), 1)
+        assert await store.liveness.live_agents() == dict.fromkeys(sorted(DEMO), 1)
 
         async def client(handle: GatewayHandle, count: int) -> dict[str, SessionRecord]:
             async with await handle.connect() as ws:

@@ -152,7 +152,7 @@ async def wait_live_workers(redis: Redis, key_prefix: str, count: int, procs: li
     """Until ``count`` workers of the bench agent heartbeat."""
     store = Store(redis, Keys(key_prefix))
     for _ in range(300):
-        if (await store.live_worker_counts([AGENT]))[AGENT] >= count:
+        if (await store.liveness.live_worker_counts([AGENT]))[AGENT] >= count:
             return
         for proc in procs:
             assert proc.process.poll() is None, f"worker exited:\n{proc.output}"
@@ -584,7 +584,7 @@ async def test_worker_sigterm_finishes_the_in_flight_request_then_exits(
         assert len(chunks(record)) == CHUNKS  # the same attempt ran to the end
         assert all("attempt" not in m["data"] for m in chunks(record))
         store = Store(redis_client, Keys(key_prefix))
-        assert await store.live_worker_counts([AGENT]) == {AGENT: 0}  # it left the live set
+        assert await store.liveness.live_worker_counts([AGENT]) == {AGENT: 0}  # it left the live set
         await wait_nothing_pending(redis_client, key_prefix)
     finally:
         await stop_all(procs)

@@ -71,7 +71,7 @@ async def start_bridge(legacy_settings: Settings) -> AsyncIterator[StartBridge]:
         task = asyncio.create_task(bridge.run())
         running.append((bridge, task))
         for _ in range(200):
-            if all((await bridge.worker.store.live_worker_counts(LEGACY)).values()):
+            if all((await bridge.worker.store.liveness.live_worker_counts(LEGACY)).values()):
                 break
             if task.done():
                 task.result()

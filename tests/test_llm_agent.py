@@ -441,7 +441,7 @@ async def test_judgements_share_one_connection_and_close_ends_it(
     task = asyncio.create_task(worker.run())
     try:
         for _ in range(100):  # until the first heartbeat: the gateway then sees the agent live
-            if (await worker.store.live_worker_counts(["melchior"]))["melchior"]:
+            if (await worker.store.liveness.live_worker_counts(["melchior"]))["melchior"]:
                 break
             await asyncio.sleep(0.02)
         client = agent.http_client

@@ -138,7 +138,7 @@ async def test_metrics_show_running_sessions_and_each_agents_queue(
 ) -> None:
     # A live worker for "backlog" that reads nothing: requests pile up in its stream.
     store = gateway.gateway.store
-    await store.heartbeat("idle-worker", ["backlog"], 10_000)
+    await store.liveness.heartbeat("idle-worker", ["backlog"], 10_000)
     await store.redis.xgroup_create(store.keys.requests("backlog"), "workers", id="0", mkstream=True)
     async with await gateway.connect() as ws:
         for _ in range(3):
@@ -170,17 +170,17 @@ async def test_json_logs_carry_connection_and_session_ids(gateway: GatewayHandle
     try:
         # Force a log line inside a frame's task: an unexpected failure while opening a session.
         async with await gateway.connect() as ws:
-            original = gateway.gateway.store.live_worker_counts
+            original = gateway.gateway.store.liveness.live_worker_counts
 
             async def broken(agent_ids: object) -> object:
                 raise RuntimeError("boom")
 
-            gateway.gateway.store.live_worker_counts = broken  # type: ignore[method-assign,assignment]
+            gateway.gateway.store.liveness.live_worker_counts = broken  # type: ignore[method-assign,assignment]
             try:
                 await send(ws, {"type": "agent_judgement", "agent_ids": ["a"], "data": {"user_input": "x"}})
                 assert (await recv(ws))["code"] == "internal_error"
             finally:
-                gateway.gateway.store.live_worker_counts = original  # type: ignore[method-assign]
+                gateway.gateway.store.liveness.live_worker_counts = original  # type: ignore[method-assign]
     finally:
         logging.getLogger("magi_gateway").removeHandler(keep)
     failure = next(r for r in records if "unexpected error" in r.getMessage())
@@ -210,8 +210,8 @@ def test_context_filter_leaves_explicit_ids_and_text_format_alone() -> None:
 
 async def test_queue_stats_for_an_agent_without_a_stream(settings: Settings, redis_client: Redis) -> None:
     store = Store(redis_client, Keys(settings.redis_key_prefix))
-    await store.heartbeat("w", ["nostream"], 10_000)
-    stats = await store.agent_stats()
+    await store.liveness.heartbeat("w", ["nostream"], 10_000)
+    stats = await store.liveness.agent_stats()
     assert stats == {"nostream": AgentStats(workers=1, lag=0, pending=0)}
     assert await store.running_sessions() == 0
 

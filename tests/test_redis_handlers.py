@@ -21,7 +21,8 @@ from magi_gateway.core import frames
 from magi_gateway.core.notification import decode_notification
 from magi_gateway.core.session import ResultCode, new_session_id
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import Request, Store
+from magi_gateway.redis.requests import Request
+from magi_gateway.redis.store import Store
 from magi_gateway.server.sweeper import sweep_deadlines
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
@@ -320,36 +321,36 @@ async def test_read_log_ranges(store: Store) -> None:
 
 
 async def test_heartbeat_live_counts_live_agents_and_retire(store: Store) -> None:
-    await store.heartbeat("w1", ["x", "y"], 30_000)
-    await store.heartbeat("w2", ["x"], 30_000)
-    await store.heartbeat("w2", ["x"], 30_000)  # repeated beats count once
-    assert await store.live_worker_counts(["x", "y", "z"]) == {"x": 2, "y": 1, "z": 0}
-    assert await store.live_agents() == {"x": 2, "y": 1}
-    await store.retire_worker("w1", ["x", "y"])
-    assert await store.live_worker_counts(["x", "y"]) == {"x": 1, "y": 0}
-    assert await store.live_agents() == {"x": 1}
-    await store.retire_worker("w2", ["x"])
-    assert await store.live_agents() == {}
+    await store.liveness.heartbeat("w1", ["x", "y"], 30_000)
+    await store.liveness.heartbeat("w2", ["x"], 30_000)
+    await store.liveness.heartbeat("w2", ["x"], 30_000)  # repeated beats count once
+    assert await store.liveness.live_worker_counts(["x", "y", "z"]) == {"x": 2, "y": 1, "z": 0}
+    assert await store.liveness.live_agents() == {"x": 2, "y": 1}
+    await store.liveness.retire_worker("w1", ["x", "y"])
+    assert await store.liveness.live_worker_counts(["x", "y"]) == {"x": 1, "y": 0}
+    assert await store.liveness.live_agents() == {"x": 1}
+    await store.liveness.retire_worker("w2", ["x"])
+    assert await store.liveness.live_agents() == {}
 
 
 async def test_liveness_expires_after_the_ttl(store: Store, keys: Keys, redis_client: Redis) -> None:
-    await store.heartbeat("short", ["brief"], 200)
-    await store.heartbeat("long", ["lasting"], 30_000)
-    assert await store.live_agents() == {"brief": 1, "lasting": 1}
+    await store.liveness.heartbeat("short", ["brief"], 200)
+    await store.liveness.heartbeat("long", ["lasting"], 30_000)
+    assert await store.liveness.live_agents() == {"brief": 1, "lasting": 1}
     await asyncio.sleep(0.3)
-    assert await store.live_worker_counts(["brief", "lasting"]) == {"brief": 0, "lasting": 1}
-    assert await store.live_agents() == {"lasting": 1}
+    assert await store.liveness.live_worker_counts(["brief", "lasting"]) == {"brief": 0, "lasting": 1}
+    assert await store.liveness.live_agents() == {"lasting": 1}
     # The registries themselves expire too.
     assert await redis_client.pttl(keys.workers("lasting")) > 0
     assert await redis_client.pttl(keys.agents) > 0
 
 
 async def test_a_short_ttl_worker_does_not_expire_other_workers(store: Store) -> None:
-    await store.heartbeat("long-lived", ["shared", "only-long"], 30_000)
-    await store.heartbeat("short-lived", ["shared"], 100)
+    await store.liveness.heartbeat("long-lived", ["shared", "only-long"], 30_000)
+    await store.liveness.heartbeat("short-lived", ["shared"], 100)
     await asyncio.sleep(0.5)  # the short-lived worker is gone (ttl 100 ms, registries x3)
-    assert await store.live_worker_counts(["shared", "only-long"]) == {"shared": 1, "only-long": 1}
-    assert await store.live_agents() == {"only-long": 1, "shared": 1}
+    assert await store.liveness.live_worker_counts(["shared", "only-long"]) == {"shared": 1, "only-long": 1}
+    assert await store.liveness.live_agents() == {"only-long": 1, "shared": 1}
 
 
 # -- notifications and requests ---------------------------------------------------------------

@@ -166,7 +166,7 @@ async def test_internal_failures_reach_clients_without_exception_text(
 
     async with await gateway.connect() as ws:
         with monkeypatch.context() as patch:
-            patch.setattr(service.store, "live_agents", crash)
+            patch.setattr(service.store.liveness, "live_agents", crash)
             await send(ws, {"type": "get_agents"})
             error = await recv(ws)
         assert_clean_error(error, "internal_error")

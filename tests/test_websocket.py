@@ -97,10 +97,10 @@ async def test_get_agents_forgets_a_stopped_worker(
 ) -> None:
     worker = await start_worker(demo_agents(delay_s=0.01))
     store = Store(redis_client, Keys(settings.redis_key_prefix))
-    assert await store.live_agents()
+    assert await store.liveness.live_agents()
     worker.stop()
     for _ in range(200):  # stop() retires the worker once its read loop notices
-        if not await store.live_agents():
+        if not await store.liveness.live_agents():
             break
         await asyncio.sleep(0.05)
     async with await gateway.connect() as ws:

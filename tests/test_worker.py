@@ -348,7 +348,7 @@ async def test_stop_lets_an_in_flight_agent_finish_within_grace(settings: Settin
     assert final["data"]["judgement"] == "finished anyway"
     pending = await store.redis.xpending(store.keys.requests("steady"), WORKER_GROUP)
     assert pending["pending"] == 0
-    assert await store.live_worker_counts(["steady"]) == {"steady": 0}
+    assert await store.liveness.live_worker_counts(["steady"]) == {"steady": 0}
 
 
 async def test_stop_past_grace_leaves_the_request_for_another_worker(
@@ -447,7 +447,7 @@ async def test_close_runs_when_a_setup_fails(settings: Settings, store: Store) -
     # Only agents whose setup returned are closed; nothing was read.
     assert events == ["first setup", "second setup", "first close"]
     assert worker.processed == 0
-    assert await store.live_worker_counts(["first", "second", "third"]) == {
+    assert await store.liveness.live_worker_counts(["first", "second", "third"]) == {
         "first": 0,
         "second": 0,
         "third": 0,

@@ -174,7 +174,7 @@ def agents(secret: _SecretOption = None, as_json: _JsonOption = False) -> None:
     """Agents with live workers, and their queues (read from Redis)."""
     settings = Settings()
     _secret(secret, settings)  # the same gate as the other commands
-    stats = _redis_call(_from_store(settings, Store.agent_stats))
+    stats = _redis_call(_from_store(settings, lambda store: store.liveness.agent_stats()))
     found = {a: {"workers": s.workers, "lag": s.lag, "pending": s.pending} for a, s in stats.items()}
     if as_json:
         console.print_json(orjson.dumps(found).decode())

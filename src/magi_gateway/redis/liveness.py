@@ -3,7 +3,7 @@
 Workers heartbeat their agents into ``{P}:a:AGENT:workers`` and ``{P}:agents`` (scores
 are expiry times); gateways read them to answer ``get_agents``, to fail requests for
 agents nobody serves at once, and for the queue gauges of ``/metrics``. ``Store``
-inherits these operations, so callers keep one object per Redis client.
+holds one (``store.liveness``), so callers keep one object per Redis client.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class AgentStats:
 class Liveness:
     """Heartbeats, live workers and agent queue statistics."""
 
-    redis: RedisClient
-    keys: Keys
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self.redis = redis
+        self.keys = keys
 
     async def heartbeat(self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int) -> None:
         """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``."""

@@ -5,25 +5,47 @@ Each agent has a request stream (``Keys.requests``) with one consumer group,
 command a worker sends about requests; ``Worker`` (``worker/runner.py``) decides when.
 Failures surface as ``BackendUnavailable`` (``redis_errors``).
 
-``Request`` is defined next to ``Store.enqueue_request``, which writes the entries it
-decodes, and re-exported here.
+``Request`` decodes the entries ``Store.enqueue_request`` (the gateway side) writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
 
-from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.redis.client import RedisClient, listen, redis_errors
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
-from magi_gateway.redis.store import Request
 
 __all__ = ["Request", "RequestQueue", "StaleRequest"]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One judgement request as a worker reads it from an agent's stream."""
+
+    message_id: bytes
+    session_id: SessionId
+    agent_id: AgentId
+    user_input: str
+    deadline_ms: int
+    appid: AppId
+
+    @classmethod
+    def from_fields(cls, message_id: bytes, fields: Mapping[bytes, bytes]) -> Request:
+        """Decode the stream entry written by ``Store.enqueue_request``."""
+        return cls(
+            message_id=message_id,
+            session_id=SessionId(fields[b"sid"].decode()),
+            agent_id=AgentId(fields[b"agent"].decode()),
+            user_input=fields[b"input"].decode(),
+            deadline_ms=int(fields[b"deadline_ms"]),
+            appid=AppId(fields.get(b"appid", b"").decode()),
+        )
 
 
 @dataclass(frozen=True, slots=True)

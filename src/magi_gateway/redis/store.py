@@ -12,7 +12,7 @@ guarded so it exists once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -32,7 +32,7 @@ from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
 
-__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "Request", "SessionInfo", "Store"]
+__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "SessionInfo", "Store"]
 
 #: The one write path of every session message (see the script's header).
 _APPEND_LUA = files("magi_gateway.redis").joinpath("lua/append.lua").read_text(encoding="utf-8")
@@ -68,32 +68,8 @@ class SessionInfo:
     pending: frozenset[AgentId]
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One judgement request as a worker reads it from an agent's stream."""
-
-    message_id: bytes
-    session_id: SessionId
-    agent_id: AgentId
-    user_input: str
-    deadline_ms: int
-    appid: AppId
-
-    @classmethod
-    def from_fields(cls, message_id: bytes, fields: Mapping[bytes, bytes]) -> Request:
-        """Decode the stream entry written by ``Store.enqueue_request``."""
-        return cls(
-            message_id=message_id,
-            session_id=SessionId(fields[b"sid"].decode()),
-            agent_id=AgentId(fields[b"agent"].decode()),
-            user_input=fields[b"input"].decode(),
-            deadline_ms=int(fields[b"deadline_ms"]),
-            appid=AppId(fields.get(b"appid", b"").decode()),
-        )
-
-
-class Store(Liveness):
-    """Session, request and liveness operations on one Redis client."""
+class Store:
+    """Session and request operations on one Redis client; ``liveness`` for workers and agents."""
 
     def __init__(
         self,
@@ -106,6 +82,8 @@ class Store(Liveness):
     ) -> None:
         self.redis = redis
         self.keys = keys
+        #: Heartbeats, live workers, agent queues.
+        self.liveness = Liveness(redis, keys)
         self.retention_ms = retention_s * 1000
         self.max_session_messages = max_session_messages
         self.request_stream_maxlen = request_stream_maxlen

@@ -226,7 +226,7 @@ class Gateway:
         if isinstance(message, protocol.Ping):
             connection.push(frames.PONG, b"pong")
         elif isinstance(message, protocol.GetAgents):
-            connection.push(frames.agents_frame(await self.store.live_agents()), b"agents")
+            connection.push(frames.agents_frame(await self.store.liveness.live_agents()), b"agents")
         elif isinstance(message, protocol.JudgementRequest):
             await self.open_judgement(connection, message)
         else:
@@ -252,7 +252,7 @@ class Gateway:
         try:
             async with asyncio.timeout(_METRICS_TIMEOUT_S):  # a scrape must not hang on Redis
                 running = await self.store.running_sessions()
-                stats = await self.store.agent_stats()
+                stats = await self.store.liveness.agent_stats()
         except (BackendUnavailable, TimeoutError):
             metrics.REDIS_ERRORS.inc()
             return  # the scrape shows the last known values; /readyz says why

@@ -62,7 +62,7 @@ class SessionOps:
         deadline_ms = now_ms() + timeout_ms
         session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
         try:
-            live = await self.store.live_worker_counts(request.agent_ids)
+            live = await self.store.liveness.live_worker_counts(request.agent_ids)
             await self.store.create_session(
                 session_id, appid, self.instance_id, request.agent_ids, deadline_ms, request.request_id
             )

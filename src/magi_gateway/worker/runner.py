@@ -117,7 +117,7 @@ class Worker:
             await self.appender.aclose()
             await _close_agents(ready)
             try:
-                await self.store.retire_worker(self.worker_id, list(self.agents))
+                await self.store.liveness.retire_worker(self.worker_id, list(self.agents))
             except BackendUnavailable:
                 logger.warning("could not leave the live set; it expires by itself")
             await self.redis.aclose()
@@ -209,7 +209,7 @@ class Worker:
         ttl_ms = int(self.settings.worker_ttl_s * 1000)
         while True:
             try:
-                await self.store.heartbeat(self.worker_id, list(self.agents), ttl_ms)
+                await self.store.liveness.heartbeat(self.worker_id, list(self.agents), ttl_ms)
                 await self.queue.refresh([job.request for job in self._jobs.values()])
             except BackendUnavailable:
                 logger.debug("heartbeat failed; Redis unavailable")
