@@ -32,6 +32,7 @@ import orjson
 import websockets
 
 from magi_gateway._tasks import cancel_and_wait
+from magi_gateway._util import Backoff
 from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
 
@@ -153,13 +154,13 @@ class MagiClient:
         self._connected.set()
 
     async def _run(self) -> None:
-        failures = 0
+        backoff = Backoff(self.backoff_base_s, self.backoff_cap_s)
         while not self._closing:
             assert self._ws is not None
             try:
                 async for raw in self._ws:
                     await self._dispatch(orjson.loads(raw))
-                    failures = 0
+                    backoff.reset()
                 close_code = self._ws.close_code
             except websockets.ConnectionClosed as exc:
                 close_code = exc.rcvd.code if exc.rcvd else None
@@ -171,12 +172,11 @@ class MagiClient:
                 return
             self._fail_replies()
             while not self._closing:
-                failures += 1
-                if self.max_reconnects is not None and failures > self.max_reconnects:
+                delay = backoff.next_delay()
+                if self.max_reconnects is not None and backoff.failures > self.max_reconnects:
                     self._fail(ConnectionLost("gave up reconnecting"))
                     return
-                delay = min(self.backoff_cap_s, self.backoff_base_s * 2**failures)
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(delay)
                 self._url_index += 1
                 try:
                     await self._open()
@@ -314,6 +314,7 @@ class MagiClient:
             "data": {"user_input": user_input},
             "request_id": request_id,
         }
+        retry = Backoff(self.backoff_base_s, self.backoff_cap_s)
         for attempt in range(_JUDGE_ATTEMPTS):
             try:
                 accepted = await self._request(message, request_id)
@@ -322,8 +323,7 @@ class MagiClient:
                 # Redis unreachable behind the gateway: the same request_id is safe to retry.
                 if exc.code != _RETRYABLE or attempt == _JUDGE_ATTEMPTS - 1:
                     raise
-                delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt + 1))
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(retry.next_delay())
         session_id = accepted["session_id"]
         session = self._sessions[session_id]
         try:

@@ -246,9 +246,9 @@ class LegacyBridge:
                 try:
                     await self.legacy.push_request(payload)
                     return
-                except BackendUnavailable:
+                except BackendUnavailable as exc:
                     # The worker's deadline bounds this; a lost reply may queue it twice.
-                    await asyncio.sleep(backoff.next_delay())
+                    await asyncio.sleep(backoff.failed(logger, "queueing a legacy request", exc))
 
     # -- responses -------------------------------------------------------------------------
 
@@ -270,9 +270,7 @@ class LegacyBridge:
                     waiting = await self._wait_for_chunk()
             except BackendUnavailable as exc:
                 waiting, self._renew_at = True, 0.0
-                if backoff.failures == 0:
-                    logger.warning("cannot relay legacy responses (%s); retrying", exc.__cause__)
-                await self._pause(backoff.next_delay())
+                await self._pause(backoff.failed(logger, "relaying legacy responses", exc))
                 continue
             backoff.reset()
 

@@ -152,10 +152,7 @@ class Worker:
                     batch = await self._read_new(free)
             except BackendUnavailable as exc:
                 groups_ready = False
-                delay = backoff.next_delay()
-                if backoff.failures == 1:
-                    logger.warning("cannot read requests (%s); retrying", exc.__cause__)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(backoff.failed(logger, "reading requests", exc))
                 continue
             backoff.reset()
             if batch is None:
@@ -220,8 +217,8 @@ class Worker:
         while True:
             try:
                 await self.queue.watch_cancels(self._cancel_session, on_subscribed=backoff.reset)
-            except BackendUnavailable:
-                await asyncio.sleep(backoff.next_delay())
+            except BackendUnavailable as exc:
+                await asyncio.sleep(backoff.failed(logger, "the cancel subscription", exc))
 
     def _cancel_session(self, session_id: SessionId) -> None:
         for job in self._jobs.values():
@@ -241,10 +238,10 @@ class Worker:
                 try:
                     result = await self.appender.append(request.session_id, request.agent_id, data)
                     return result.seq is not None
-                except BackendUnavailable:
+                except BackendUnavailable as exc:
                     # Ride out a Redis outage; the agent's deadline still bounds the wait.
                     # (A chunk whose reply was lost in the outage may be logged twice.)
-                    await asyncio.sleep(backoff.next_delay())
+                    await asyncio.sleep(backoff.failed(logger, "streaming a chunk", exc))
 
         ctx = Context(
             session_id=request.session_id,
@@ -307,9 +304,9 @@ class Worker:
             try:
                 await self.store.append_final(request.session_id, request.agent_id, code, data)
                 return
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
                 # Finals are deduplicated in Redis, so retrying cannot produce two.
-                await asyncio.sleep(backoff.next_delay())
+                await asyncio.sleep(backoff.failed(logger, "writing a final", exc))
         raise BackendUnavailable("could not write a final; request left for takeover")
 
     async def _ack(self, request: Request) -> None:
