@@ -33,7 +33,7 @@ from magi_gateway.core.errors import AgentError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode
 from magi_gateway.logs import session_id_var
-from magi_gateway.redis.client import RedisClient, connect
+from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.requests import Request, RequestQueue
 from magi_gateway.redis.store import Store
@@ -70,7 +70,6 @@ class Worker:
         *,
         concurrency: int | None = None,
         burst: bool = False,
-        redis: RedisClient | None = None,
         grace_s: float = 10.0,
     ) -> None:
         if not agents:
@@ -82,7 +81,7 @@ class Worker:
         self.grace_s = grace_s
         self.worker_id = f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.keys = Keys(self.settings.redis_key_prefix)
-        self.redis = redis if redis is not None else connect(self.settings, client_name="magi-worker")
+        self.redis = connect(self.settings, client_name="magi-worker")
         self.store = Store(self.redis, self.keys)
         self.queue = RequestQueue(self.redis, self.keys, list(self.agents), self.worker_id)
         self.appender = ChunkAppender(self.store)
