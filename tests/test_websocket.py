@@ -459,3 +459,19 @@ async def test_http_cors_headers_follow_cors_origins(settings: Settings, start_g
         evil = await http.get("/healthz", headers={"Origin": "http://evil.example"})
     assert good.headers.get("access-control-allow-origin") == "http://good.example"
     assert "access-control-allow-origin" not in evil.headers
+
+
+@pytest.mark.parametrize("path", ["/", "/static/index.html", "/static/console.js"])
+async def test_every_path_serving_the_console_sends_its_security_headers(
+    gateway: GatewayHandle, path: str
+) -> None:
+    """``/static/index.html`` served the console without CSP or nosniff (#12 item 12)."""
+    async with httpx.AsyncClient(base_url=gateway.http) as http:
+        response = await http.get(path)
+    assert response.status_code == 200
+    policy = response.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in policy
+    assert "default-src 'none'" in policy
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["referrer-policy"] == "no-referrer"
+    assert response.headers["cache-control"] == "no-cache"

@@ -60,7 +60,9 @@ class _ConsoleAssets(StaticFiles):
         status_code: int = 200,
     ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
-        response.headers["Cache-Control"] = "no-cache"
+        # Every path that serves the console (``/static/index.html`` too) gets its headers.
+        host = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"host"), "")
+        response.headers.update(_console_headers(host))
         return response
 
 
