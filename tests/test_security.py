@@ -28,6 +28,7 @@ from magi_gateway.settings import Settings
 
 from ._delivery_helpers import DEMO, eventually, spawn_quiet_gateway
 from ._support import (
+    APPID,
     LEAK_MARKERS,
     SECRET,
     GatewayHandle,
@@ -39,6 +40,7 @@ from ._support import (
     make_token,
     recv,
     send,
+    spawn_gateway,
     spawn_process,
     stop_process,
 )
@@ -472,3 +474,31 @@ def test_random_frames_are_answered_and_the_gateway_stays_up(redis_url: str, key
         if handle is not None and handle.process is not None:
             stop_process(handle.process)
         stop_process(worker)
+
+
+def test_tokens_never_reach_the_access_log(redis_url: str, key_prefix: str) -> None:
+    """uvicorn logged ``/ws?appid=…&token=…`` whole (#12 item 13): the token is redacted."""
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "FIXED_SECRET": SECRET,
+        "PYTHONUNBUFFERED": "1",
+    }
+    handle = spawn_gateway(env, log_level="info")
+    assert handle.process is not None
+    token = make_token()
+    try:
+
+        async def visit() -> None:
+            async with websockets.connect(handle.ws_url(token=token)) as ws:
+                assert orjson.loads(await ws.recv())["type"] == "connection_established"
+            async with httpx.AsyncClient() as http:
+                await http.get(f"{handle.http}/healthz?appid={APPID}&token={token}")
+
+        asyncio.run(visit())
+    finally:
+        handle.process.terminate()
+        output = handle.process.communicate(timeout=15)[0].decode()
+    assert "/healthz" in output  # the access log is on
+    assert "token=[redacted]" in output
+    assert token not in output

@@ -10,12 +10,20 @@ JSON lines come from python-json-logger (orjson flavour), one object per record 
 from __future__ import annotations
 
 import logging
+import re
 from contextvars import ContextVar
 from typing import Literal
 
 from pythonjsonlogger.orjson import OrjsonFormatter
 
-__all__ = ["LogFormat", "configure_logging", "connection_id_var", "session_id_var"]
+__all__ = [
+    "LogFormat",
+    "RedactTokens",
+    "configure_logging",
+    "connection_id_var",
+    "redact_access_log",
+    "session_id_var",
+]
 
 LogFormat = Literal["text", "json"]
 
@@ -55,3 +63,33 @@ def configure_logging(level: str = "info", fmt: LogFormat = "text") -> None:
     handler.addFilter(ContextIds())
     handler.setFormatter(formatter(fmt))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+_TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])token=)[^&\s\"]*")
+
+
+class RedactTokens(logging.Filter):
+    """Replaces the value of ``token=`` in a logged request path with ``[redacted]``.
+
+    uvicorn's access log writes every request line, and a WebSocket carries its token in
+    the query (``/ws?appid=…&token=…``): a token is a credential for a minute (a JWT for
+    longer), so it must not end up in log files.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN_IN_QUERY.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        elif isinstance(record.msg, str):
+            record.msg = _TOKEN_IN_QUERY.sub(r"\1[redacted]", record.msg)
+        return True
+
+
+def redact_access_log() -> None:
+    """Install ``RedactTokens`` on uvicorn's access and error loggers (once)."""
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())

@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from magi_gateway.core.auth import FailureThrottle, TokenVerifier, compute_token, minute_of
+from magi_gateway.logs import redact_access_log
 from magi_gateway.server.gateway import Gateway
 from magi_gateway.server.websocket import WebSocketEndpoint
 from magi_gateway.settings import Settings
@@ -69,6 +70,7 @@ class _ConsoleAssets(StaticFiles):
 def create_app(settings: Settings | None = None) -> Starlette:
     """Build the gateway application; the gateway starts and stops with its lifespan."""
     settings = settings if settings is not None else Settings()
+    redact_access_log()  # tokens travel in /ws query strings
     gateway = Gateway(settings)
     verifier = TokenVerifier(settings.fixed_secret, settings.app_secrets, settings.token_skew_minutes)
     throttle = FailureThrottle(max_failures=settings.max_auth_failures_per_min, window_s=60.0)
