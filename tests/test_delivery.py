@@ -569,3 +569,30 @@ async def test_timeout_is_enforced_after_the_starting_gateway_died(
         for handle in handles:
             assert handle.process is not None
             stop_process(handle.process)
+
+
+async def test_a_notification_that_is_not_utf8_is_skipped_and_the_connection_kept(
+    gateway: GatewayHandle, start_worker: StartWorker, redis_client: Redis, settings: Settings
+) -> None:
+    """A frame that is not valid UTF-8 dropped the client without a close frame (#12 item 14)."""
+    assert gateway.gateway is not None
+    gated = Gated("gated", before=1, after=1)
+    await start_worker([gated.agent])
+    async with await gateway.connect() as ws:
+        await send(ws, judgement_message(["gated"]))
+        accepted = await recv(ws)
+        session_id = accepted["session_id"]
+        assert (await recv(ws))["data"]["thinking"] == "before 0"
+        channel = Keys(settings.redis_key_prefix).gateway_channel(gateway.gateway.instance_id)
+        # seq 3 as the gateway would expect next, with bytes that are no UTF-8 text.
+        await redis_client.publish(
+            channel, f"{session_id}\n3\nagent_judgement_stream\n".encode() + b"\xff\xfe{"
+        )
+        await send(ws, {"type": "ping"})
+        assert await recv(ws) == {"type": "pong"}
+        assert ws.close_code is None
+        gated.gate.set()  # the session goes on and completes on the same connection
+        rest = await collect_until_complete(ws, session_id)
+        # Seq 3 counts as delivered (skipped), so the session continues after it, in order.
+        assert [m["seq"] for m in rest] == list(range(4, 4 + len(rest)))
+        assert rest[-1]["type"] == "agent_judgement_complete"

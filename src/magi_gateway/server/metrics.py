@@ -14,6 +14,7 @@ __all__ = [
     "AGENT_QUEUE_LAG",
     "AGENT_WORKERS",
     "AUTH_FAILURES",
+    "BAD_FRAMES",
     "BYTES_IN",
     "BYTES_OUT",
     "CLIENT_ERRORS",
@@ -60,6 +61,7 @@ TIME_TO_FINAL = Histogram(
 RESUMES = Counter("magi_resumes", "Resume requests, by outcome (ok, not_found, error)", ["outcome"])
 AUTH_FAILURES = Counter("magi_auth_failures", "Rejected WebSocket authentications, by reason", ["reason"])
 CLIENT_ERRORS = Counter("magi_client_errors", "Error frames sent to clients", ["code"])
+BAD_FRAMES = Counter("magi_bad_frames", "Frames from Redis skipped because they are not UTF-8 text")
 REDIS_RECONNECTS = Counter("magi_redis_reconnects", "Notification subscription reconnects")
 REDIS_ERRORS = Counter("magi_redis_errors", "Redis reads for a /metrics scrape that failed or timed out")
 AGENT_QUEUE_LAG = Gauge(

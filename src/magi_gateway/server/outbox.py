@@ -88,7 +88,14 @@ class Connection:
             await self._wakeup.wait()
             self._wakeup.clear()
             while (frame := outbox.pop()) is not None:
-                await send_text(frame.decode())
+                try:
+                    text = frame.decode()
+                except UnicodeDecodeError:
+                    # Frames come from Redis: one that is no text is skipped, not fatal.
+                    metrics.BAD_FRAMES.inc()
+                    logger.warning("connection %s: skipped a frame that is not UTF-8", self.id)
+                    continue
+                await send_text(text)
                 if outbox.below_low_water:
                     self._room.set()
             self._room.set()
