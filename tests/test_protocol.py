@@ -370,7 +370,7 @@ def test_resume_missing_fields() -> None:
     assert "session_id" in str(error)
 
 
-@pytest.mark.parametrize("last_seq", [-1, -100, True, False, 1.0, 0.5, "3", None, [1]])
+@pytest.mark.parametrize("last_seq", [-1, -100, True, False, 1.0, 0.5, "3", None, [1], 2**53, 2**64 - 1])
 def test_resume_invalid_last_seq(last_seq: Any) -> None:
     error = error_of({"type": "resume", "session_id": SID, "last_seq": last_seq})
     assert error.code == "invalid_field"

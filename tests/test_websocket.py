@@ -475,3 +475,14 @@ async def test_every_path_serving_the_console_sends_its_security_headers(
     assert response.headers["x-content-type-options"] == "nosniff"
     assert response.headers["referrer-policy"] == "no-referrer"
     assert response.headers["cache-control"] == "no-cache"
+
+
+async def test_resume_with_a_huge_last_seq_is_refused_and_the_connection_kept(gateway: GatewayHandle) -> None:
+    """``last_seq`` 2**64-1 sent the replay into endless invalid XRANGEs, unanswered (#12 item 6)."""
+    async with await gateway.connect() as ws:
+        record = await judge(ws, ["nobody"])
+        session_id = record.messages[0]["session_id"]
+        await send(ws, {"type": "resume", "session_id": session_id, "last_seq": 2**64 - 1})
+        error = await recv(ws)
+        assert_clean_error(error, "invalid_field")
+        await assert_pong(ws)

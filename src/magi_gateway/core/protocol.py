@@ -18,6 +18,7 @@ from magi_gateway.core.ids import AgentId, SessionId
 
 __all__ = [
     "AGENT_ID_PATTERN",
+    "MAX_SEQ",
     "Cancel",
     "ClientMessage",
     "GetAgents",
@@ -32,6 +33,8 @@ __all__ = [
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 _MAX_REQUEST_ID_CHARS = 128
+#: The largest seq a client may name: JSON-safe, and far above any session's length.
+MAX_SEQ = 2**53 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +158,8 @@ def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
         return Cancel(_session_id(obj))
     if kind == "resume":
         last_seq = _field(obj, "last_seq")
-        if not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
-            raise _invalid("last_seq must be a non-negative integer")
+        if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq <= MAX_SEQ:
+            raise _invalid(f"last_seq must be an integer from 0 to {MAX_SEQ}")
         return Resume(_session_id(obj), last_seq)
     shown = kind if isinstance(kind, str) and len(kind) <= 64 else "?"
     raise ProtocolError(f"Unsupported message type: {shown}", code="unknown_type")
