@@ -14,6 +14,7 @@ import websockets
 from redis.asyncio import Redis
 
 from magi_gateway.agents import BenchAgent, demo_agents
+from magi_gateway.core.ids import AppId
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
@@ -385,7 +386,7 @@ async def test_every_key_expires_and_sessions_are_kept_for_the_retention(
     for session_id in session_ids:
         assert f"{prefix}:s:{{{session_id}}}:log" in ttls
         assert f"{prefix}:s:{{{session_id}}}:meta" in ttls
-    assert f"{prefix}:idem:test-app:keyed-request" in ttls
+    assert Keys(prefix).idempotency(AppId("test-app"), "keyed-request") in ttls
     assert f"{{{prefix}}}:a:quick:requests" in ttls
     assert f"{{{prefix}}}:a:quick:workers" in ttls
     assert f"{{{prefix}}}:agents" in ttls
