@@ -20,17 +20,12 @@ import redis.asyncio as aioredis
 
 from magi_gateway._util import now_ms
 from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.legacy import LegacyResponse, legacy_request, parse_legacy_response, resolve_agent
 from magi_gateway.core.session import ResultCode, new_session_id
 from magi_gateway.redis.keys import Keys, LegacyKeys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
-from magi_gateway.worker.legacy import (
-    LegacyBridge,
-    LegacyResponse,
-    legacy_request,
-    parse_legacy_response,
-    resolve_agent,
-)
+from magi_gateway.worker.legacy import LegacyBridge
 from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests

@@ -28,20 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections import Counter
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
-
-import orjson
+from collections.abc import Sequence
 
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
-from magi_gateway.core.session import ResultCode
+from magi_gateway.core.legacy import legacy_request, parse_legacy_response, resolve_agent
 from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.legacy import FINAL_TAG, LegacyLists
@@ -50,97 +45,11 @@ from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
 
-__all__ = ["LegacyBridge", "LegacyResponse", "legacy_request", "parse_legacy_response", "resolve_agent"]
+__all__ = ["LegacyBridge"]
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["stream", "final"]
-_TYPES: dict[str, Kind] = {"agent_judgement_stream": "stream", "agent_judgement_final": "final"}
-# Session ids as ``session.new_session_id`` makes them; anything else names no session.
-_SESSION_ID = re.compile(r"[0-9a-f]{32}")
-_RESULT_CODES = frozenset(int(c) for c in ResultCode)
 _SESSION_CACHE_SIZE = 4096  # sessions whose agents are remembered; overflow: evict the oldest
-
-# -- the wire formats (no I/O) ---------------------------------------------------------------
-
-
-def legacy_request(session_id: SessionId, agent_id: AgentId, user_input: str) -> bytes:
-    """A request as the original gateway queued it: the client's message plus ``session_id``."""
-    return orjson.dumps(
-        {
-            "type": "agent_judgement",
-            "agent_ids": [agent_id],
-            "data": {"user_input": user_input},
-            "session_id": session_id,
-        }
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class LegacyResponse:
-    """A legacy backend's message, checked; ``agent_id`` is None when it named none."""
-
-    kind: Kind
-    session_id: SessionId
-    agent_id: str | None
-    data: dict[str, Any]
-    result_code: ResultCode = ResultCode.OK
-
-
-def parse_legacy_response(raw: bytes, listed_as: Kind) -> LegacyResponse | str:
-    """Check one message from a response list; return it, or why it must be dropped.
-
-    Its ``type`` says what it is, as the original gateway forwarded it; without one, the
-    list it came from does. A stream's ``data`` may be a bare string (the thinking text).
-    A final without ``result_code`` is 0, or 1 when ``data`` has an ``error``.
-    """
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return "not_json"
-    if not isinstance(message, dict):
-        return "not_an_object"
-    session_id = message.get("session_id")
-    if session_id is None:
-        return "no_session_id"
-    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
-        return "unknown_session"
-    kind = listed_as if "type" not in message else _TYPES.get(str(message["type"]))
-    if kind is None:
-        return "bad_type"
-    agent_id = message.get("agent_id")
-    if agent_id is not None and not isinstance(agent_id, str):
-        return "unknown_agent"
-    data = message.get("data")
-    if kind == "stream" and isinstance(data, str):
-        data = {"thinking": data}
-    elif kind == "final" and data is None:
-        data = {}
-    if not isinstance(data, dict):
-        return "bad_data"
-    if kind == "stream":
-        return LegacyResponse(kind, SessionId(session_id), agent_id, data)
-    code = message.get("result_code", 1 if "error" in data else 0)
-    if isinstance(code, bool) or not isinstance(code, int) or code not in _RESULT_CODES:
-        return "bad_result_code"
-    if code != 0 and not isinstance(data.get("error"), str):
-        data = {**data, "error": "The agent reported an error"}
-    return LegacyResponse(kind, SessionId(session_id), agent_id, data, ResultCode(code))
-
-
-def resolve_agent(
-    named: str | None, session_agents: Sequence[AgentId], served: Collection[AgentId]
-) -> AgentId | None:
-    """The session's agent a response is for: the one it names, else the only candidate.
-
-    Original backends may leave ``agent_id`` out; that is unambiguous when the session has
-    one legacy agent (or one agent at all).
-    """
-    if named is not None:
-        return AgentId(named) if named in session_agents else None
-    candidates = [a for a in session_agents if a in served] or list(session_agents)
-    return candidates[0] if len(candidates) == 1 else None
-
 
 # -- the bridge ------------------------------------------------------------------------------
 
