@@ -268,12 +268,12 @@ async def test_claim_request_id_returns_the_first_session(
     store: Store, keys: Keys, redis_client: Redis
 ) -> None:
     first, second = new_session_id(), new_session_id()
-    assert await store.claim_request_id(APP, "rid-1", first, 30_000) is None
-    assert await store.claim_request_id(APP, "rid-1", second, 30_000) == first
-    assert await store.claim_request_id(APP, "rid-1", second, 30_000) == first
+    assert await store.request_ids.claim(APP, "rid-1", first, 30_000) is None
+    assert await store.request_ids.claim(APP, "rid-1", second, 30_000) == first
+    assert await store.request_ids.claim(APP, "rid-1", second, 30_000) == first
     # Scoped per appid and per request id.
-    assert await store.claim_request_id("app-2", "rid-1", second, 30_000) is None
-    assert await store.claim_request_id(APP, "rid-2", second, 30_000) is None
+    assert await store.request_ids.claim("app-2", "rid-1", second, 30_000) is None
+    assert await store.request_ids.claim(APP, "rid-2", second, 30_000) is None
     ttl = await redis_client.pttl(keys.idempotency(APP, "rid-1"))
     assert 0 < ttl <= 30_000
 

@@ -29,6 +29,7 @@ from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 from magi_gateway.core.notification import notify_prefix, probe_notification
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
 from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
 
@@ -85,41 +86,14 @@ class Store:
         #: Heartbeats, live workers, agent queues.
         self.liveness = Liveness(redis, keys)
         self.retention_ms = retention_s * 1000
+        #: Clients' request_ids and the sessions they started.
+        self.request_ids = RequestIds(redis, keys, retention_ms=self.retention_ms)
         self.max_session_messages = max_session_messages
         self.request_stream_maxlen = request_stream_maxlen
         self._append = redis.register_script(_APPEND_LUA)
         self._append_chunks = redis.register_script(_APPEND_CHUNKS_LUA)
 
     # -- sessions --------------------------------------------------------------
-
-    async def claim_request_id(
-        self, appid: AppId, request_id: str, session_id: SessionId, ttl_ms: int
-    ) -> SessionId | None:
-        """Bind ``request_id`` to ``session_id``; return the session it already names."""
-        key = self.keys.idempotency(appid, request_id)
-        with redis_errors():
-            if await self.redis.set(key, session_id, nx=True, px=ttl_ms):
-                return None
-            existing: Any = await self.redis.get(key)
-        return SessionId(existing.decode()) if existing else None
-
-    async def rebind_request_id(
-        self, appid: AppId, request_id: str, session_id: SessionId, expired: SessionId
-    ) -> None:
-        """Point ``request_id`` at a new session once the one it named has expired."""
-        key = self.keys.idempotency(appid, request_id)
-        with redis_errors():
-            current: Any = await self.redis.get(key)
-            if current is None or current.decode() == expired:
-                await self.redis.set(key, session_id, px=self.retention_ms)
-
-    async def release_request_id(self, appid: AppId, request_id: str, session_id: SessionId) -> None:
-        """Undo ``claim_request_id`` for a session that could not be created."""
-        key = self.keys.idempotency(appid, request_id)
-        with redis_errors():
-            current: Any = await self.redis.get(key)
-            if current is not None and current.decode() == session_id:
-                await self.redis.delete(key)
 
     async def create_session(
         self,

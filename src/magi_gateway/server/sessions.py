@@ -48,7 +48,7 @@ class SessionOps:
         appid = connection.appid
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         if request.request_id is not None:
-            existing = await self.store.claim_request_id(
+            existing = await self.store.request_ids.claim(
                 appid, request.request_id, session_id, timeout_ms + self.settings.session_retention_s * 1000
             )
             if existing is not None:
@@ -58,7 +58,7 @@ class SessionOps:
                     await self.attach(connection, existing, 0, wait_for_creation=True)
                     return
                 except SessionNotFound:
-                    await self.store.rebind_request_id(appid, request.request_id, session_id, existing)
+                    await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
         deadline_ms = now_ms() + timeout_ms
         session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
         try:
@@ -70,7 +70,7 @@ class SessionOps:
             self.delivery.untrack(session)
             if request.request_id is not None:
                 with contextlib.suppress(BackendUnavailable):
-                    await self.store.release_request_id(appid, request.request_id, session_id)
+                    await self.store.request_ids.release(appid, request.request_id, session_id)
             raise
         metrics.SESSIONS_STARTED.inc()
         plan = plan_judgement(request.agent_ids, live)
