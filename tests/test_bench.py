@@ -6,16 +6,25 @@ and report positive figures, not how fast anything is.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+import redis
+import websockets
 
 from magi_gateway.agents.bench import BenchAgent, chunk_sent_ns
 from magi_gateway.bench._stats import Histogram
+from magi_gateway.bench.limit import ready_key
+from magi_gateway.embedded import free_port
 
 RELAY_KEYS = [
     "chunks_per_s",
@@ -28,6 +37,11 @@ RELAY_KEYS = [
     "limit_gateway_cpu_us_per_chunk",
     "cpu_ratio_to_limit",
     "limit_chunks_per_s",
+    "limit_worker_cpu_us_per_chunk",
+    "limit_redis_cpu_us_per_chunk",
+    "chunks_per_s_ratio_to_limit",
+    "worker_cpu_ratio_to_limit",
+    "redis_cpu_ratio_to_limit",
 ]
 IDLE_KEYS = ["rss_kb_per_connection", "handshakes_per_s", "connections"]
 
@@ -60,6 +74,66 @@ def test_bench_relay_smoke(tmp_path: Path) -> None:
     assert machine["nproc"] >= 1
     assert machine["cpu_model"]
     assert machine["python"]
+
+
+def _wait(ready: Callable[[], object], what: str, child: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while not ready():
+        assert child.poll() is None, f"{what} exited"
+        assert time.monotonic() < deadline, f"no {what} within 20 s"
+        time.sleep(0.02)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+async def test_limit_baseline_relays_the_bench_frames(redis_url: str) -> None:
+    """The baseline's own gateway and worker stream K stamped chunks of B bytes, in seq order."""
+    prefix, port, chunks, chunk_bytes = f"test-{uuid.uuid4().hex[:8]}", free_port(), 4, 64
+    common = ["--redis-url", redis_url, "--prefix", prefix]
+    options = ["--name", "w", "--chunks", str(chunks), "--bytes", str(chunk_bytes)]
+    worker = subprocess.Popen([sys.executable, "-m", "magi_gateway.bench.limit_worker", *common, *options])
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "magi_gateway.bench.limit", *common, "--port", str(port)]
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        _wait(lambda: client.exists(ready_key(prefix, "w")), "limit worker", worker)
+        _wait(lambda: _accepts(port), "limit gateway", gateway)
+        async with websockets.connect(f"ws://127.0.0.1:{port}/anything?appid=x") as ws:
+            assert orjson.loads(await ws.recv())["type"] == "connection_established"
+            for request in range(2):
+                sent_ns = time.time_ns()
+                request_frame = {
+                    "type": "agent_judgement",
+                    "agent_ids": ["bench"],
+                    "request_id": str(request),
+                }
+                await ws.send(orjson.dumps(request_frame).decode())
+                frames: list[dict[str, Any]] = []
+                async with asyncio.timeout(10):
+                    while not frames or frames[-1]["type"] != "agent_judgement_complete":
+                        frames.append(orjson.loads(await ws.recv()))
+                assert [f["seq"] for f in frames] == list(range(1, chunks + 4))
+                assert [f["type"] for f in frames] == [
+                    "agent_judgement_accepted",
+                    *["agent_judgement_stream"] * chunks,
+                    "agent_judgement_final",
+                    "agent_judgement_complete",
+                ]
+                assert len({f["session_id"] for f in frames}) == 1
+                for frame in frames[1 : chunks + 1]:
+                    thinking = frame["data"]["thinking"]
+                    assert len(thinking) == chunk_bytes
+                    assert sent_ns <= chunk_sent_ns(thinking) <= time.time_ns()
+    finally:
+        for child in (gateway, worker):
+            child.terminate()
+        for child in (gateway, worker):
+            assert child.wait(timeout=10) == 0
+        client.close()
 
 
 def test_bench_relay_scaled_out_on_a_redis_cluster(tmp_path: Path) -> None:

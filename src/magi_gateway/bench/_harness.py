@@ -1,4 +1,4 @@
-"""The processes of a benchmark: embedded Redis, gateway, worker, baseline, load generators.
+"""The processes of a benchmark: embedded Redis, gateway, worker, baseline's, load generators.
 
 ``harness()`` starts Redis (persistence off) in a work directory and stops it and
 every child on exit, errors and Ctrl-C included. Children run with the work
@@ -33,6 +33,7 @@ from magi_gateway.bench._procs import (
     wait_http_ok,
     wait_tcp,
 )
+from magi_gateway.bench.limit import ready_key
 from magi_gateway.bench.loadgen import LoadgenConfig, config_json, write_json
 from magi_gateway.core.ids import AgentId
 from magi_gateway.embedded import LocalCluster, RedisServer, free_port
@@ -123,15 +124,48 @@ class Harness:
         wait_http_ok(f"http://127.0.0.1:{port}/readyz", timeout_s=_START_TIMEOUT_S, watch=[child])
         return child, port
 
-    def start_limit(self, name: str) -> tuple[Child, int]:
-        """The baseline relay on a free port; returns once it accepts connections."""
+    def _limit_redis_url(self) -> str:
         if isinstance(self.redis, LocalCluster):
             raise BenchError("the limit baseline runs on one Redis server only (use --no-limit)")
+        return self.redis.url
+
+    def start_limit(self, name: str) -> tuple[Child, int]:
+        """The baseline gateway on a free port; returns once it accepts connections."""
         port = free_port()
-        args = ["--port", str(port), "--redis-url", self.redis.url, "--prefix", PREFIX]
+        args = ["--port", str(port), "--redis-url", self._limit_redis_url(), "--prefix", PREFIX]
         child = self.children.start(name, python_module("magi_gateway.bench.limit", *args), self.env())
         wait_tcp(port, timeout_s=_START_TIMEOUT_S, watch=[child])
         return child, port
+
+    def start_limit_worker(self, name: str, *, chunks: int, chunk_bytes: int, delay_s: float) -> Child:
+        """The baseline worker; returns once it is connected to Redis."""
+        args = [
+            *("--redis-url", self._limit_redis_url(), "--prefix", PREFIX, "--name", name),
+            *("--chunks", str(chunks), "--bytes", str(chunk_bytes), "--delay", str(delay_s)),
+        ]
+        module = "magi_gateway.bench.limit_worker"
+        child = self.children.start(name, python_module(module, *args), self.env())
+        client = self.sync_client()
+        try:
+            wait_for(
+                lambda: bool(client.exists(ready_key(PREFIX, name))),
+                timeout_s=_START_TIMEOUT_S,
+                what="the limit worker to connect",
+                watch=[child],
+            )
+        finally:
+            client.close()
+        return child
+
+    def flush_redis(self) -> None:
+        """Empty the (single-server) Redis between runs, so no run pays for the last one's keys."""
+        if isinstance(self.redis, LocalCluster):
+            return
+        client = self.sync_client()
+        try:
+            client.flushall()
+        finally:
+            client.close()
 
     def start_worker(
         self, name: str, *, chunks: int, chunk_bytes: int, delay_s: float, concurrency: int

@@ -1,114 +1,154 @@
-"""The ``limit`` baseline: the least a relay must do, to compare the gateway's CPU with.
+"""The ``limit`` baseline gateway: the least a WebSocket + Redis relay must do.
 
 ``python -m magi_gateway.bench.limit --port P --redis-url URL [--prefix P]``
 
-A raw ``websockets`` asyncio server and redis-py (hiredis) on uvloop. It accepts any
-client, greets it like the gateway does, and on ``agent_judgement`` creates the
-session exactly as the gateway does (``Store.create_session`` with itself as the
-owner instance, then ``Store.enqueue_request``), so the same worker serves it and
-the same Lua script stores and publishes every message. One subscription to its
-own notification channel forwards each notified frame, byte for byte, to the
-socket that asked. No framework, no delivery cursor, no validation, no limits.
-It is the baseline, not a product: do not expose it.
+It shares no code with the product (import-linter checks it): a picows WebSocket server
+on uvloop and the baseline's own RESP connections (``limit_resp``, hiredis). It accepts
+any client on any path (no authentication), greets it like the gateway does, and on each
+``agent_judgement`` text frame names a session, answers ``agent_judgement_accepted`` and
+RPUSHes the session id on a list that the baseline worker (``limit_worker``) pops. One
+subscription to its own channel receives the worker's frames (``session_id\\n`` + frame);
+each is written to the socket that asked, bytes unchanged. No session state in Redis, no
+delivery cursor, no validation, no limits, no fragmented frames: it is the baseline, not
+a product, so do not expose it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import secrets
 import signal
+from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
-import websockets
-from redis.asyncio import Redis
-from websockets.asyncio.server import ServerConnection
+from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-# Not ``websockets.ConnectionClosed``: that name is resolved lazily on every access.
-from websockets.exceptions import ConnectionClosed
+from magi_gateway.bench.limit_resp import RespConnection
 
-from magi_gateway._util import now_ms
-from magi_gateway.core.ids import AgentId, AppId, InstanceId
-from magi_gateway.core.session import new_session_id
-from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.store import Store
-
-__all__ = ["LimitRelay", "main"]
+__all__ = ["LimitGateway", "frames_channel", "main", "ready_key", "redis_address", "requests_key"]
 
 _COMPLETE_PREFIX = b'{"type":"agent_judgement_complete"'
-_TIMEOUT_MS = 60_000
-_SUBSCRIBE_TIMEOUT_S = 10.0
-_POOL_CONNECTIONS = 100_000
+_MAX_FRAME = 16 * 1024 * 1024
 
 
-class LimitRelay:
-    """The minimal relay: sockets by session id, one notification subscription."""
+# The baseline's own key names (it may not use the product's keys module), all here.
+def _key(prefix: str, *parts: bytes) -> bytes:
+    return b":".join((prefix.encode(), b"limit", *parts))
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
+
+def requests_key(prefix: str) -> bytes:
+    """The list the gateways push session ids on and the workers pop them from."""
+    return _key(prefix, b"requests")
+
+
+def frames_channel(prefix: str, gateway_id: bytes) -> bytes:
+    """The channel the worker publishes a gateway's frames on."""
+    return _key(prefix, b"frames", gateway_id)
+
+
+def ready_key(prefix: str, name: str) -> bytes:
+    """The key a baseline worker sets once it is connected."""
+    return _key(prefix, b"ready", name.encode())
+
+
+def redis_address(url: str) -> tuple[str, int]:
+    """Host and port of a ``redis://host:port`` URL."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+class LimitGateway:
+    """Sockets by session id; requests out on a list, frames in from one subscription."""
+
+    def __init__(self, redis: RespConnection, prefix: str) -> None:
         self.redis = redis
-        self.keys = keys
-        self.store = Store(redis, keys)
-        self.instance_id = InstanceId(f"limit-{secrets.token_hex(4)}")
-        self.sockets: dict[bytes, ServerConnection] = {}
+        self.gateway_id = secrets.token_hex(4).encode()
+        self.channel = frames_channel(prefix, self.gateway_id)
+        self.requests = requests_key(prefix)
+        self.sockets: dict[bytes, WSTransport] = {}
+        self.counter = itertools.count(1)
 
-    async def forward(self, subscribed: asyncio.Event) -> None:
-        """Send every notified frame to the socket whose session it belongs to."""
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.keys.gateway_channel(self.instance_id))
-        subscribed.set()
-        async for message in pubsub.listen():
-            session_id, _seq, frame = message["data"].split(b"\n", 2)
-            ws = self.sockets.get(session_id)
-            if ws is None:
-                continue
-            if frame.startswith(_COMPLETE_PREFIX):
-                del self.sockets[session_id]
-            try:
-                await ws.send(frame.decode())
-            except ConnectionClosed:
-                continue
+    def request(self, transport: WSTransport, payload: bytes) -> None:
+        """An ``agent_judgement``: accept it and hand its session id to the workers."""
+        message = orjson.loads(payload)
+        if message.get("type") != "agent_judgement":
+            return
+        session_id = b"%s.%d" % (self.gateway_id, next(self.counter))
+        self.sockets[session_id] = transport
+        accepted = {
+            "type": "agent_judgement_accepted",
+            "session_id": session_id.decode(),
+            "seq": 1,
+            "agent_ids": message.get("agent_ids"),
+            "request_id": message.get("request_id"),
+        }
+        transport.send(WSMsgType.TEXT, orjson.dumps(accepted))
+        self.redis.send(b"RPUSH", self.requests, session_id)
 
-    async def handle(self, ws: ServerConnection) -> None:
-        """Greet the client, then start a session for each ``agent_judgement``."""
-        await ws.send(f'{{"type":"connection_established","connection_id":"{secrets.token_hex(8)}"}}')
-        appid = AppId("bench")
-        async for raw in ws:
-            message = orjson.loads(raw)
-            if message.get("type") != "agent_judgement":
-                continue
-            session_id = new_session_id()
-            agent_ids = [AgentId(a) for a in message["agent_ids"]]
-            deadline_ms = now_ms() + _TIMEOUT_MS
-            self.sockets[session_id.encode()] = ws
-            await self.store.create_session(
-                session_id, appid, self.instance_id, agent_ids, deadline_ms, message.get("request_id")
-            )
-            for agent_id in agent_ids:
-                await self.store.enqueue_request(
-                    session_id, agent_id, message["data"]["user_input"], deadline_ms, appid
-                )
+    def forward(self, _channel: bytes, data: bytes) -> None:
+        """One published ``session_id\\n`` + frame: the frame goes to its socket as it is."""
+        cut = data.index(b"\n")
+        session_id = data[:cut]
+        if data.startswith(_COMPLETE_PREFIX, cut + 1):
+            transport = self.sockets.pop(session_id, None)
+        else:
+            transport = self.sockets.get(session_id)
+        if transport is not None and not transport.is_disconnected:
+            transport.send(WSMsgType.TEXT, memoryview(data)[cut + 1 :])
+
+
+class _Client(WSListener):
+    """One WebSocket connection."""
+
+    def __init__(self, gateway: LimitGateway) -> None:
+        self.gateway = gateway
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        hello = b'{"type":"connection_established","connection_id":"%s"}' % secrets.token_hex(8).encode()
+        transport.send(WSMsgType.TEXT, hello)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type == WSMsgType.TEXT:
+            self.gateway.request(transport, frame.get_payload_as_bytes())
+        elif frame.msg_type == WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code())
+            transport.disconnect()
 
 
 async def serve(port: int, redis_url: str, prefix: str) -> None:
-    """Run the baseline on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
-    # redis-py's default pool (100) raises once more commands are in flight: the baseline
-    # is not to fail where a larger pool would do.
-    redis = Redis.from_url(redis_url, max_connections=_POOL_CONNECTIONS)
-    relay = LimitRelay(redis, Keys(prefix))
+    """Run the baseline gateway on 127.0.0.1:``port`` until SIGTERM or SIGINT."""
+    host, redis_port = redis_address(redis_url)
+    commands = await RespConnection.open(host, redis_port)
+    subscription = await RespConnection.open(host, redis_port)
+    gateway = LimitGateway(commands, prefix)
+    await subscription.subscribe(gateway.channel, gateway.forward)
+
+    def listener(_request: WSUpgradeRequest) -> _Client:
+        return _Client(gateway)
+
+    server = await ws_create_server(listener, "127.0.0.1", port, max_frame_size=_MAX_FRAME)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    subscribed = asyncio.Event()
-    forwarder = asyncio.create_task(relay.forward(subscribed), name="limit-forward")
+    stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait_for(subscribed.wait(), _SUBSCRIBE_TIMEOUT_S)
-        async with websockets.serve(relay.handle, "127.0.0.1", port, max_size=None):
-            await stop.wait()
+        ends = [stopped, commands.closed, subscription.closed]
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        for lost in ends[1:]:
+            if lost.done():
+                lost.result()  # Redis went away: fail
     finally:
-        forwarder.cancel()
-        await asyncio.gather(forwarder, return_exceptions=True)
-        await redis.aclose()
+        stopped.cancel()
+        server.close()
+        commands.close()
+        subscription.close()
+        with contextlib.suppress(Exception):
+            await server.wait_closed()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -116,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--prefix", default=Keys().prefix)
+    parser.add_argument("--prefix", default="bench")
     args = parser.parse_args(argv)
     import uvloop
 

@@ -1,16 +1,17 @@
 """``bench relay``: chunks/s, latencies and CPU per chunk, for the gateway and the baseline.
 
-For each point (clients C, chunks K, bytes B): one bench worker streams K chunks
-of B bytes per request; the gateway (then the ``limit`` baseline, against the same
-worker and Redis) serves C closed-loop clients for a warm-up, then a measured
-window of T seconds. CPU (utime + stime from /proc) of every process is read at
-the start and the end of the window and divided by the chunks clients received
-within it.
+For each point (clients C, chunks K, bytes B): the product's bench workers stream K
+chunks of B bytes per request and its gateways serve C closed-loop clients for a
+warm-up, then a measured window of T seconds; both are stopped, Redis is emptied, and
+the ``limit`` baseline (its own gateways and workers, sharing no code with the product:
+``bench.limit``, ``bench.limit_worker``) is measured the same way on the same Redis.
+CPU (utime + stime from /proc) of every process is read at the start and the end of
+the window, summed by role (gateway, worker, Redis) and divided by the chunks clients
+received within it; each figure is also given as a ratio of product to baseline.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from collections import Counter
@@ -19,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from magi_gateway.bench._figures import Window, add_ratios, summarize
 from magi_gateway.bench._harness import APPID, Harness, harness, signal_all, sleep_until, split, wait_files
 from magi_gateway.bench._procs import BenchError, Child, all_cpu_us, cpu_us, host_cpu_ticks, rss_kb
-from magi_gateway.bench._stats import Histogram
 from magi_gateway.bench.loadgen import LoadgenConfig
 
 __all__ = ["RelayPoint", "run_relay"]
@@ -50,30 +51,6 @@ class RelayPoint:
     workers: int = 1
 
 
-def _ms(value_us: float | None) -> float | None:
-    return None if value_us is None else round(value_us / 1000, 3)
-
-
-def _per(numerator: float, denominator: float) -> float | None:
-    return round(numerator / denominator, 3) if denominator else None
-
-
-@dataclass(frozen=True)
-class _Window:
-    """What /proc said about the measured window."""
-
-    t0_ns: int
-    t1_ns: int
-    #: CPU µs used within the window, by process role.
-    cpu_us: dict[str, int]
-    loadgen_cpu_us: int
-    #: CPU µs of every other process, by command name (other jobs on the host).
-    others_cpu_us: dict[str, int]
-    host_busy_pct: float
-    rss_kb: dict[str, int]
-    loadavg_1m: float
-
-
 def _run_window(
     h: Harness,
     point: RelayPoint,
@@ -81,7 +58,7 @@ def _run_window(
     servers: Sequence[Child],
     workers: Sequence[Child],
     label: str,
-) -> tuple[list[dict[str, Any]], _Window]:
+) -> tuple[list[dict[str, Any]], Window]:
     """Start the load generators, run warm-up and window, collect their results.
 
     With several gateways or workers, a role's CPU and RSS are their sums.
@@ -126,7 +103,7 @@ def _run_window(
     for pid, (name, used) in all1.items():
         if pid not in ours:
             others[name] += used - all0.get(pid, (name, 0))[1]
-    window = _Window(
+    window = Window(
         t0_ns=t0_ns,
         t1_ns=t1_ns,
         cpu_us={name: cpu1[name] - cpu0[name] for name in pids},
@@ -137,50 +114,6 @@ def _run_window(
         loadavg_1m=round(loadavg, 2),
     )
     return results, window
-
-
-def _summarize(results: list[dict[str, Any]], window: _Window) -> dict[str, Any]:
-    """Merge the load generators' counts and histograms; relate them to the CPU used."""
-    chunk_latency, request_latency, errors = Histogram(), Histogram(), Counter[str]()
-    for result in results:
-        chunk_latency.merge(Histogram.from_json(result["chunk_latency"]))
-        request_latency.merge(Histogram.from_json(result["request_latency"]))
-        errors.update(result["errors"])
-    chunks = sum(int(r["chunks"]) for r in results)
-    requests = sum(int(r["requests"]) for r in results)
-    window_us = (window.t1_ns - window.t0_ns) / 1000
-    measured: dict[str, Any] = {
-        "chunks": chunks,
-        "requests": requests,
-        "chunks_per_s": round(chunks / (window_us / 1e6), 1),
-        "requests_per_s": round(requests / (window_us / 1e6), 2),
-        "chunk_latency_p50_ms": _ms(chunk_latency.percentile(0.50)),
-        "chunk_latency_p99_ms": _ms(chunk_latency.percentile(0.99)),
-        "chunk_latency_max_ms": _ms(chunk_latency.max_us if chunk_latency.count else None),
-        "request_latency_p50_ms": _ms(request_latency.percentile(0.50)),
-        "request_latency_p99_ms": _ms(request_latency.percentile(0.99)),
-    }
-    for name, used in window.cpu_us.items():
-        measured[f"{name}_cpu_us_per_chunk"] = _per(used, chunks)
-        measured[f"{name}_cpu_pct"] = round(100 * used / window_us, 1)
-    measured["loadgen_cpu_us_per_chunk"] = _per(window.loadgen_cpu_us, chunks)
-    measured["loadgen_cpu_pct"] = round(100 * window.loadgen_cpu_us / window_us, 1)
-    measured["gateway_rss_kb"] = window.rss_kb["gateway"]
-    measured["worker_rss_kb"] = window.rss_kb["worker"]
-    measured["host_cpu_busy_pct"] = window.host_busy_pct
-    # Whatever else ran meanwhile (other jobs on the host), in % of one core; the rest of
-    # the host's busy time is the kernel's (softirq, mostly) or processes that exited.
-    own_pct = 100 * (sum(window.cpu_us.values()) + window.loadgen_cpu_us) / window_us
-    other_pct = 100 * sum(window.others_cpu_us.values()) / window_us
-    busy_pct = window.host_busy_pct * (os.cpu_count() or 1)
-    measured["other_cpu_pct"] = round(other_pct, 1)
-    measured["other_cpu_top"] = {
-        name: round(100 * used / window_us, 1) for name, used in list(window.others_cpu_us.items())[:3]
-    }
-    measured["unattributed_cpu_pct"] = round(max(busy_pct - own_pct - other_pct, 0.0), 1)
-    measured["loadavg_1m"] = window.loadavg_1m
-    measured["errors"] = dict(errors)
-    return measured
 
 
 def _measure(
@@ -209,7 +142,7 @@ def _measure(
         for i, count in enumerate(split(point.clients, max(point.loadgen_procs, len(urls))))
     ]
     results, window = _run_window(h, point, configs, servers, workers, label)
-    return _summarize(results, window)
+    return summarize(results, window)
 
 
 def _point_result(
@@ -236,9 +169,76 @@ def _point_result(
     result.update({("chunks_delivered" if k == "chunks" else k): v for k, v in product.items()})
     for key, value in (limit or {}).items():
         result[f"limit_{'chunks_delivered' if key == 'chunks' else key}"] = value
-    gateway, baseline = result.get("gateway_cpu_us_per_chunk"), result.get("limit_gateway_cpu_us_per_chunk")
-    result["cpu_ratio_to_limit"] = round(gateway / baseline, 2) if gateway and baseline else None
+    add_ratios(result)
     return result
+
+
+def _run_side(
+    h: Harness,
+    point: RelayPoint,
+    label: str,
+    start_worker: Callable[[str], Child],
+    start_gateway: Callable[[str], tuple[Child, str]],
+) -> dict[str, Any]:
+    """Empty Redis, start ``point.workers`` workers and ``point.gateways`` gateways, measure, stop them.
+
+    Each side (product, baseline) runs alone: neither's processes see the other's load.
+    """
+    h.flush_redis()
+    started: list[Child] = []
+    try:
+        workers = [start_worker(f"{label}-worker-{i}") for i in range(point.workers)]
+        started += workers
+        gateways, urls = [], []
+        for i in range(point.gateways):
+            gateway, url = start_gateway(f"{label}-gateway-{i}")
+            gateways.append(gateway)
+            started.append(gateway)
+            urls.append(url)
+        return _measure(h, point, urls, gateways, workers, label)
+    finally:
+        for child in reversed(started):
+            h.children.stop(child)
+
+
+def _run_product(h: Harness, point: RelayPoint, label: str, concurrency: int) -> dict[str, Any]:
+    """The product: ``magi-gateway agent bench`` workers and ``magi-gateway serve`` gateways."""
+
+    def worker(name: str) -> Child:
+        return h.start_worker(
+            name,
+            chunks=point.chunks,
+            chunk_bytes=point.chunk_bytes,
+            delay_s=point.delay_s,
+            concurrency=concurrency,
+        )
+
+    def gateway(name: str) -> tuple[Child, str]:
+        child, port = h.start_gateway(
+            name,
+            max_messages_per_s=1_000_000,
+            message_burst=1_000_000,
+            max_connections_per_app=max(1000, 2 * point.clients),
+            max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
+        )
+        return child, f"ws://127.0.0.1:{port}/ws"
+
+    return _run_side(h, point, label, worker, gateway)
+
+
+def _run_limit(h: Harness, point: RelayPoint, label: str) -> dict[str, Any]:
+    """The baseline: as many limit workers and limit gateways as the product had."""
+
+    def worker(name: str) -> Child:
+        return h.start_limit_worker(
+            name, chunks=point.chunks, chunk_bytes=point.chunk_bytes, delay_s=point.delay_s
+        )
+
+    def gateway(name: str) -> tuple[Child, str]:
+        child, port = h.start_limit(name)
+        return child, f"ws://127.0.0.1:{port}/"
+
+    return _run_side(h, point, label, worker, gateway)
 
 
 def run_relay(
@@ -251,7 +251,7 @@ def run_relay(
     cluster_masters: int = 0,
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Measure every point (gateway, then baseline); one result dict per point.
+    """Measure every point (product, then baseline); one result dict per point.
 
     ``redis_max_connections`` sets the gateway's and the worker's Redis pool size
     (through ``REDIS_URL``); None leaves redis-py's default.
@@ -262,55 +262,17 @@ def run_relay(
         workdir, keep=keep, redis_max_connections=redis_max_connections, cluster_masters=cluster_masters
     ) as h:
         progress(f"work dir {h.workdir}")
-        by_agent = itertools.groupby(points, key=lambda p: (p.chunks, p.chunk_bytes, p.delay_s, p.workers))
-        for run, ((chunks, chunk_bytes, delay_s, worker_count), group) in enumerate(by_agent):
-            workers = [
-                h.start_worker(
-                    f"worker-{run}-{i}",
-                    chunks=chunks,
-                    chunk_bytes=chunk_bytes,
-                    delay_s=delay_s,
-                    concurrency=concurrency,
-                )
-                for i in range(worker_count)
-            ]
-            for index, point in enumerate(group):
-                label = f"p{run}-{index}"
-                what = f"C={point.clients} K={point.chunks} B={point.chunk_bytes} T={point.seconds:g}s"
-                progress(f"gateway  {what}")
-                started = [
-                    h.start_gateway(
-                        f"{label}-gateway-{i}",
-                        max_messages_per_s=1_000_000,
-                        message_burst=1_000_000,
-                        max_connections_per_app=max(1000, 2 * point.clients),
-                        max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
-                    )
-                    for i in range(point.gateways)
-                ]
-                gateways = [child for child, _port in started]
-                urls = [f"ws://127.0.0.1:{port}/ws" for _child, port in started]
-                try:
-                    product = _measure(h, point, urls, gateways, workers, label)
-                finally:
-                    for gateway in gateways:
-                        h.children.stop(gateway)
-                baseline = None
-                if limit:
-                    progress(f"limit    {what}")
-                    server, port = h.start_limit(f"{label}-limit")
-                    try:
-                        baseline = _measure(
-                            h, point, [f"ws://127.0.0.1:{port}/"], [server], workers, label + "L"
-                        )
-                    finally:
-                        h.children.stop(server)
-                results.append(
-                    _point_result(point, product, baseline, redis_max_connections, cluster_masters)
-                )
-                if product["errors"] or (baseline and baseline["errors"]):
-                    h.keep = True
-                    progress(f"errors seen: logs kept in {h.workdir}")
-            for worker in workers:
-                h.children.stop(worker)
+        for index, point in enumerate(points):
+            label = f"p{index}"
+            what = f"C={point.clients} K={point.chunks} B={point.chunk_bytes} T={point.seconds:g}s"
+            progress(f"gateway  {what}")
+            product = _run_product(h, point, label, concurrency)
+            baseline = None
+            if limit:
+                progress(f"limit    {what}")
+                baseline = _run_limit(h, point, label + "L")
+            results.append(_point_result(point, product, baseline, redis_max_connections, cluster_masters))
+            if product["errors"] or (baseline and baseline["errors"]):
+                h.keep = True
+                progress(f"errors seen: logs kept in {h.workdir}")
     return results

@@ -34,6 +34,14 @@ _RELAY_ROWS = [
     ("errors", "errors", "{}"),
 ]
 
+# (label, key) of the product-to-baseline ratios under the single-point table
+_RATIO_CAPTION = [
+    ("chunks/s", "chunks_per_s_ratio_to_limit"),
+    ("relay CPU/chunk", "cpu_ratio_to_limit"),
+    ("worker CPU/chunk", "worker_cpu_ratio_to_limit"),
+    ("redis CPU/chunk", "redis_cpu_ratio_to_limit"),
+]
+
 
 def _fmt(value: Any, pattern: str = "{}") -> str:
     if value is None:
@@ -61,7 +69,9 @@ def relay_table(results: Sequence[dict[str, Any]]) -> Table:
         table.add_column("limit", justify="right")
         for label, key, pattern in _RELAY_ROWS:
             table.add_row(label, _fmt(r.get(key), pattern), _fmt(r.get(f"limit_{key}"), pattern))
-        table.caption = f"cpu_ratio_to_limit = {_fmt(r.get('cpu_ratio_to_limit'))}"
+        table.caption = "gateway / limit: " + ", ".join(
+            f"{label} {_fmt(r.get(key), '{:.2f}')}" for label, key in _RATIO_CAPTION
+        )
         return table
     table = Table(title="relay sweep (latencies in ms, CPU in µs per chunk)")
     for column in (
