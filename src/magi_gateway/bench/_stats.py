@@ -57,11 +57,6 @@ class Histogram:
                 return float(min(GROWTH ** (index - 0.5), self.max_us))
         return self.max_us
 
-    @property
-    def mean_us(self) -> float | None:
-        """Arithmetic mean, or None when empty."""
-        return self.sum_us / self.count if self.count else None
-
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready form that ``from_json`` reads back."""
         return {
