@@ -32,7 +32,6 @@ import orjson
 import websockets
 
 from magi_gateway._tasks import cancel_and_wait
-from magi_gateway._util import Backoff
 from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
 
@@ -154,13 +153,13 @@ class MagiClient:
         self._connected.set()
 
     async def _run(self) -> None:
-        backoff = Backoff(self.backoff_base_s, self.backoff_cap_s)
+        failures = 0
         while not self._closing:
             assert self._ws is not None
             try:
                 async for raw in self._ws:
                     await self._dispatch(orjson.loads(raw))
-                    backoff.reset()
+                    failures = 0
                 close_code = self._ws.close_code
             except websockets.ConnectionClosed as exc:
                 close_code = exc.rcvd.code if exc.rcvd else None
@@ -172,11 +171,14 @@ class MagiClient:
                 return
             self._fail_replies()
             while not self._closing:
-                delay = backoff.next_delay()
-                if self.max_reconnects is not None and backoff.failures > self.max_reconnects:
+                failures += 1
+                if self.max_reconnects is not None and failures > self.max_reconnects:
                     self._fail(ConnectionLost("gave up reconnecting"))
                     return
-                await asyncio.sleep(delay)
+                # Equal jitter (never less than half the step), unlike the servers' full
+                # jitter: a client must not come back at once to a gateway that just dropped it.
+                delay = min(self.backoff_cap_s, self.backoff_base_s * 2**failures)
+                await asyncio.sleep(random.uniform(delay / 2, delay))
                 self._url_index += 1
                 try:
                     await self._open()
@@ -314,7 +316,6 @@ class MagiClient:
             "data": {"user_input": user_input},
             "request_id": request_id,
         }
-        retry = Backoff(self.backoff_base_s, self.backoff_cap_s)
         for attempt in range(_JUDGE_ATTEMPTS):
             try:
                 accepted = await self._request(message, request_id)
@@ -323,7 +324,8 @@ class MagiClient:
                 # Redis unreachable behind the gateway: the same request_id is safe to retry.
                 if exc.code != _RETRYABLE or attempt == _JUDGE_ATTEMPTS - 1:
                     raise
-                await asyncio.sleep(retry.next_delay())
+                delay = min(self.backoff_cap_s, self.backoff_base_s * 2 ** (attempt + 1))
+                await asyncio.sleep(random.uniform(delay / 2, delay))
         session_id = accepted["session_id"]
         session = self._sessions[session_id]
         try:
