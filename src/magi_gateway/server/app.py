@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
 from magi_gateway.core.auth import FailureThrottle, TokenVerifier, compute_token, minute_of
+from magi_gateway.core.handshake import Admission
 from magi_gateway.logs import redact_access_log
 from magi_gateway.server.gateway import Gateway
 from magi_gateway.server.websocket import WebSocketEndpoint
@@ -74,7 +75,8 @@ def create_app(settings: Settings | None = None) -> Starlette:
     gateway = Gateway(settings)
     verifier = TokenVerifier(settings.fixed_secret, settings.app_secrets, settings.token_skew_minutes)
     throttle = FailureThrottle(max_failures=settings.max_auth_failures_per_min, window_s=60.0)
-    endpoint = WebSocketEndpoint(gateway, verifier, throttle)
+    admission = Admission(verifier, throttle, settings.cors_origin_list)
+    endpoint = WebSocketEndpoint(gateway, admission)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -141,5 +143,6 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.gateway = gateway
+    app.state.admission = admission  # for the fast WebSocket driver (server.ws_protocol)
     app.state.settings = settings
     return app

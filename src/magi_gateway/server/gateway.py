@@ -1,6 +1,6 @@
 """One gateway instance: its connections, its background tasks, and its shutdown.
 
-It is driven by the WebSocket endpoint (``connect``, ``submit_frame``, ``disconnect``)
+It is driven by the WebSocket drivers (``connect``, ``receive``, ``disconnect``)
 and by Redis (the ``Listener`` on this instance's channel). It holds no state another
 instance cannot rebuild from Redis: a session's log, pending agents, owner and
 deadline live there; this object keeps only the delivery state of the sessions its
@@ -29,12 +29,8 @@ from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff
 from magi_gateway.core import frames, protocol
 from magi_gateway.core.admin import CommandChecker
-from magi_gateway.core.errors import (
-    CLOSE_SERVICE_RESTART,
-    BackendUnavailable,
-    GatewayError,
-    RateLimited,
-)
+from magi_gateway.core.connection import ClientProtocol, Received
+from magi_gateway.core.errors import CLOSE_SERVICE_RESTART, BackendUnavailable, GatewayError
 from magi_gateway.core.ids import AppId, ConnectionId, InstanceId
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.logs import session_id_var
@@ -170,6 +166,7 @@ class Gateway:
             ConnectionId(secrets.token_hex(8)),
             appid,
             max_messages=self.settings.max_outbound_messages,
+            limits=self.limits,
             peer=peer,
             rate_limit=TokenBucket(
                 self.settings.max_messages_per_s, self.settings.message_burst, time.monotonic()
@@ -196,50 +193,58 @@ class Gateway:
 
     # -- client frames -----------------------------------------------------------
 
-    def submit_frame(self, connection: Connection, frame: str | bytes) -> asyncio.Task[Any]:
-        """Handle a frame in a tracked task: a disconnect must not cut a judgement's setup short."""
-        return self._spawn(self.handle_frame(connection, frame), f"frame-{connection.id}")
+    def receive(self, connection: Connection, frame: str | bytes) -> asyncio.Task[None] | None:
+        """Act on one client frame (never raises; every failure becomes an error frame).
 
-    async def handle_frame(self, connection: Connection, frame: str | bytes) -> None:
-        """Act on one client frame; every failure becomes an error frame, never a raise."""
+        What needs no I/O is answered at once; a command joins the connection's queue,
+        run one at a time, in order, by a tracked task (a disconnect does not cut a
+        judgement's setup short). Returns that task when it is running.
+        """
         metrics.BYTES_IN.inc(len(frame.encode()) if isinstance(frame, str) else len(frame))
-        kind = "invalid"
-        try:
-            if connection.rate_limit is not None and not connection.rate_limit.allow(time.monotonic()):
-                kind = "rate_limited"
-                raise RateLimited("Too many messages; slow down")
-            message = protocol.parse_client_frame(frame, self.limits)
-            kind = message.type
-            session_id_var.set(getattr(message, "session_id", None))  # this frame's task only
-            await self._dispatch(connection, message)
-        except GatewayError as exc:
-            metrics.CLIENT_ERRORS.labels(exc.code).inc()
-            connection.push(frames.error_frame(exc), b"error")
-        except Exception:
-            logger.exception("unexpected error handling a frame on %s", connection.id)
-            metrics.CLIENT_ERRORS.labels("internal_error").inc()
-            connection.push(frames.internal_error_frame(), b"error")
-        finally:
-            metrics.MESSAGES_IN.labels(kind).inc()
+        received = connection.client.receive(frame, time.monotonic())
+        if received.command is None:
+            self._answer(connection, received)
+            return None
+        connection.commands.append(received.command)
+        if len(connection.commands) > 1:
+            return None  # the running task takes it in turn
+        task = self._spawn(self._run_commands(connection), f"commands-{connection.id}")
+        connection.commands_task = task
+        return task
 
-    async def _dispatch(self, connection: Connection, message: protocol.ClientMessage) -> None:
-        if isinstance(message, protocol.Ping):
-            connection.push(frames.PONG, b"pong")
-        elif isinstance(message, protocol.GetAgents):
-            connection.push(frames.agents_frame(await self.store.liveness.live_agents()), b"agents")
-        elif isinstance(message, protocol.JudgementRequest):
-            await self.open_judgement(connection, message)
-        else:
+    def _answer(self, connection: Connection, received: Received) -> None:
+        metrics.MESSAGES_IN.labels(received.kind).inc()
+        if received.error is not None:
+            metrics.CLIENT_ERRORS.labels(received.error).inc()
+        if received.reply is not None:
+            connection.push(received.reply, received.reply_kind)
+
+    async def _run_commands(self, connection: Connection) -> None:
+        commands = connection.commands
+        while commands:
+            command = commands[0]
+            session_id_var.set(getattr(command, "session_id", None))  # this task's logs
             try:
-                if isinstance(message, protocol.Resume):
-                    await self.sessions.resume(connection, message)
-                else:
-                    await self.sessions.cancel(connection, message.session_id)
+                await self._dispatch(connection, command)
+                received = Received(command.type)
             except GatewayError as exc:
-                # Say which session failed, so a client can retry that resume or cancel.
-                if exc.session_id is None:
-                    exc.session_id = message.session_id
-                raise
+                received = ClientProtocol.failed(command, exc)
+            except Exception:
+                logger.exception("unexpected error handling a frame on %s", connection.id)
+                received = ClientProtocol.crashed(command)
+            self._answer(connection, received)
+            commands.popleft()
+        connection.commands_task = None
+
+    async def _dispatch(self, connection: Connection, command: protocol.ClientMessage) -> None:
+        if isinstance(command, protocol.GetAgents):
+            connection.push(frames.agents_frame(await self.store.liveness.live_agents()), b"agents")
+        elif isinstance(command, protocol.JudgementRequest):
+            await self.open_judgement(connection, command)
+        elif isinstance(command, protocol.Resume):
+            await self.sessions.resume(connection, command)
+        elif isinstance(command, protocol.Cancel):
+            await self.sessions.cancel(connection, command.session_id)
 
     async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
         """Start a session for ``request`` (see ``SessionOps.open_judgement``)."""

@@ -1,17 +1,30 @@
-"""One client connection's outbound side: the core's ``Outbox`` driven by a sender task.
+"""One client connection, as the drivers see it: the core's ``ClientProtocol`` (who it
+is, how fast it may talk) and ``Outbox`` (what it is sent), plus the wake-ups.
 
-The buffer and its overflow policy (close 1013) are the core's (``core.outbox``);
-this driver adds the wake-ups: the sender waits for frames, replays wait for room.
+The buffer and its overflow policy (close 1013) are the core's (``core.outbox``).
+Two ways to drain it, one per driver:
+
+- the ASGI driver runs ``run_sender``, a task that waits for frames and sends them
+  one by one;
+- the fast driver (``server.ws_protocol``) registers a ``writer`` callback, called
+  when the first frame is queued; it takes every queued frame with ``take`` and
+  writes them in one go, then calls ``drained``.
+
+Replays wait for room (``wait_for_room``) either way. Client commands (judgements,
+resumes, cancels) run one at a time per connection, in order, from ``commands``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 
+from magi_gateway.core.connection import ClientProtocol
 from magi_gateway.core.ids import AppId, ConnectionId
 from magi_gateway.core.outbox import Outbox
+from magi_gateway.core.protocol import ClientMessage, Limits
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.server import metrics
 
@@ -26,23 +39,38 @@ Close = Callable[[int, str], Awaitable[None]]
 class Connection:
     """Frames queued for one WebSocket, and who it belongs to."""
 
+    __slots__ = ("_room", "_wakeup", "_writer", "client", "commands", "commands_task", "outbox", "peer")
+
     def __init__(
         self,
         connection_id: ConnectionId,
         appid: AppId,
         *,
         max_messages: int,
+        limits: Limits | None = None,
         peer: str = "",
         rate_limit: TokenBucket | None = None,
     ) -> None:
-        self.id = connection_id
-        self.appid = appid
+        self.client = ClientProtocol(connection_id, appid, limits or Limits(), rate_limit)
         self.peer = peer
-        #: Limits the client's messages (overflow policy: drop the frame, answer rate_limited).
-        self.rate_limit = rate_limit
         self.outbox = Outbox(max_messages)
-        self._wakeup = asyncio.Event()
-        self._room = asyncio.Event()
+        #: Client commands waiting for their turn (at most one runs at a time).
+        self.commands: deque[ClientMessage] = deque()
+        #: The task running ``commands``, while there are any.
+        self.commands_task: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._room: asyncio.Event | None = None
+        self._writer: Callable[[], None] | None = None
+
+    @property
+    def id(self) -> ConnectionId:
+        """The connection's id (in ``connection_established`` and the logs)."""
+        return self.client.id
+
+    @property
+    def appid(self) -> AppId:
+        """The appid the connection authenticated as."""
+        return self.client.appid
 
     @property
     def max_messages(self) -> int:
@@ -56,49 +84,82 @@ class Connection:
 
     def push(self, frame: bytes, kind: bytes) -> bool:
         """Queue ``frame`` (``kind``: its type, for the counters); on overflow close 1013, return False."""
-        was_closing = self.outbox.closing
-        if not self.outbox.push(frame):
+        outbox = self.outbox
+        was_closing = outbox.closing
+        if not outbox.push(frame):
             if not was_closing:  # this frame overflowed the buffer: the close starts now
                 logger.warning("connection %s outbound buffer full; closing 1013", self.id)
                 self._wake_all()
             return False
-        self._wakeup.set()
+        if len(outbox) == 1:
+            self._wake_writer()
         metrics.count_out(frame, kind)
         return True
 
     def request_close(self, code: int, reason: str, *, flush: bool = False) -> None:
-        """Ask the sender to close the socket; queued frames are sent first only if ``flush``."""
+        """Ask the driver to close the socket; queued frames are sent first only if ``flush``."""
         if self.outbox.request_close(code, reason, flush=flush):
             self._wake_all()
 
+    # -- the fast driver's side ------------------------------------------------------
+
+    def set_writer(self, writer: Callable[[], None]) -> None:
+        """Call ``writer`` whenever frames (or a close) wait in an empty-until-now outbox."""
+        self._writer = writer
+
+    def take(self) -> list[bytes]:
+        """Every queued frame, oldest first, for one write."""
+        return self.outbox.take()
+
+    def drained(self) -> None:
+        """The driver wrote what it took: a replay waiting for room may go on."""
+        if self._room is not None:
+            self._room.set()
+
+    # -- wake-ups ------------------------------------------------------------------
+
+    def _wake_writer(self) -> None:
+        if self._writer is not None:
+            self._writer()
+        elif self._wakeup is not None:
+            self._wakeup.set()
+
     def _wake_all(self) -> None:
-        self._wakeup.set()
-        self._room.set()
+        self._wake_writer()
+        self.drained()
 
     async def wait_for_room(self, count: int) -> None:
         """Wait until ``count`` more frames fit in the buffer (or the connection closes)."""
         while not self.outbox.has_room(count):
+            if self._room is None:
+                self._room = asyncio.Event()
             self._room.clear()
             await self._room.wait()
 
     async def run_sender(self, send_text: SendText, close: Close) -> None:
         """Send queued frames until a close is requested; then close the socket."""
         outbox = self.outbox
+        wakeup = self._wakeup = asyncio.Event()
+        wakeup.set()  # frames queued before the sender started (the greeting)
         while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
+            await wakeup.wait()
+            wakeup.clear()
             while (frame := outbox.pop()) is not None:
                 try:
                     text = frame.decode()
                 except UnicodeDecodeError:
-                    # Frames come from Redis: one that is no text is skipped, not fatal.
-                    metrics.BAD_FRAMES.inc()
-                    logger.warning("connection %s: skipped a frame that is not UTF-8", self.id)
+                    skipped_bad_frame(self.id)
                     continue
                 await send_text(text)
                 if outbox.below_low_water:
-                    self._room.set()
-            self._room.set()
+                    self.drained()
+            self.drained()
             if (reason := outbox.close_reason) is not None:
                 await close(*reason)
                 return
+
+
+def skipped_bad_frame(connection_id: ConnectionId) -> None:
+    """Frames come from Redis: one that is no text is skipped and counted, not fatal."""
+    metrics.BAD_FRAMES.inc()
+    logger.warning("connection %s: skipped a frame that is not UTF-8", connection_id)

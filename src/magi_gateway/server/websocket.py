@@ -1,4 +1,12 @@
-"""The ``/ws`` endpoint: a thin driver moving frames between a WebSocket and the gateway."""
+"""The ``/ws`` endpoint under any ASGI server: a thin driver around the core.
+
+The handshake's checks are the core's (``core.handshake``), the handling of client
+frames too (``Gateway.receive`` → ``core.connection``); this driver moves frames
+between Starlette's WebSocket and the connection's outbox, with a sender task and a
+receiver task per connection. ``magi-gateway serve`` uses the faster driver in
+``server.ws_protocol`` instead; this one serves ``uvicorn magi_gateway.main:app``-style
+deployments and any other ASGI server.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +16,7 @@ import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from magi_gateway.core import frames
-from magi_gateway.core.auth import FailureThrottle, TokenVerifier
-from magi_gateway.core.errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+from magi_gateway.core.handshake import Admission, Refusal
 from magi_gateway.core.ids import AppId
 from magi_gateway.logs import connection_id_var
 from magi_gateway.server import metrics
@@ -21,44 +27,33 @@ __all__ = ["WebSocketEndpoint"]
 
 logger = logging.getLogger(__name__)
 
-#: Close code for a browser whose Origin is not in CORS_ORIGINS (sent before accept: HTTP 403).
-CLOSE_ORIGIN_REJECTED = 4003
-
 
 class WebSocketEndpoint:
     """ASGI-level handler of one WebSocket connection."""
 
-    def __init__(self, gateway: Gateway, verifier: TokenVerifier, throttle: FailureThrottle) -> None:
+    def __init__(self, gateway: Gateway, admission: Admission) -> None:
         self.gateway = gateway
-        self.verifier = verifier
-        self.throttle = throttle
-        origins = gateway.settings.cors_origin_list
-        self.allowed_origins: frozenset[str] | None = None if "*" in origins else frozenset(origins)
+        self.admission = admission
 
     async def handle(self, websocket: WebSocket) -> None:
         """Authenticate, then pump frames both ways until either side closes."""
-        origin = websocket.headers.get("origin")
-        if self.allowed_origins is not None and origin and origin not in self.allowed_origins:
-            await websocket.close(code=CLOSE_ORIGIN_REJECTED)
+        refusal = self.admission.check_origin(websocket.headers.get("origin"))
+        if refusal is not None:
+            await websocket.close(code=refusal.code)
             return
         peer = websocket.client.host if websocket.client else ""
         appid = websocket.query_params.get("appid", "")
-        token = websocket.query_params.get("token", "")
-        now = time.time()
+        refusal = self.admission.check(
+            peer,
+            appid,
+            websocket.query_params.get("token", ""),
+            time.time(),
+            accepting=self.gateway.accepting,
+            at_capacity=self.gateway.at_capacity(AppId(appid)),
+        )
         await websocket.accept()
-        if self.throttle.is_blocked(peer, now):
-            await self._reject(websocket, frames.AUTH_THROTTLED, "throttled")
-            return
-        if not self.verifier.verify(appid, token, now):
-            self.throttle.record_failure(peer, now)
-            await self._reject(websocket, frames.AUTH_FAILED, "bad_token")
-            return
-        if not self.gateway.accepting:
-            await websocket.close(code=CLOSE_SERVICE_RESTART, reason="Service restart")
-            return
-        if self.gateway.at_capacity(AppId(appid)):
-            await websocket.send_text(frames.TOO_MANY_CONNECTIONS.decode())
-            await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Too many connections")
+        if refusal is not None:
+            await self._refuse(websocket, refusal)
             return
         connection = self.gateway.connect(AppId(appid), peer)
         connection_id_var.set(connection.id)  # for the logs of this task and those it starts
@@ -87,14 +82,20 @@ class WebSocketEndpoint:
             frame = message.get("text")
             if frame is None:
                 frame = message.get("bytes") or b""
-            # Shielded: when the connection goes away mid-frame the receiver is cancelled,
-            # but the frame's work (e.g. queueing a judgement's requests) completes.
-            await asyncio.shield(self.gateway.submit_frame(connection, frame))
+            commands = self.gateway.receive(connection, frame)
+            if commands is not None:
+                # One frame at a time, as the client sent them. Shielded: when the
+                # connection goes away mid-frame the receiver is cancelled, but the
+                # frame's work (e.g. queueing a judgement's requests) completes.
+                await asyncio.shield(commands)
 
-    async def _reject(self, websocket: WebSocket, frame: bytes, reason: str) -> None:
-        metrics.AUTH_FAILURES.labels(reason).inc()
+    @staticmethod
+    async def _refuse(websocket: WebSocket, refusal: Refusal) -> None:
+        if refusal.auth_failure is not None:
+            metrics.AUTH_FAILURES.labels(refusal.auth_failure).inc()
         try:
-            await websocket.send_text(frame.decode())
-            await websocket.close(code=CLOSE_AUTH_FAILED, reason="Authentication failed")
+            if refusal.frame is not None:
+                await websocket.send_text(refusal.frame.decode())
+            await websocket.close(code=refusal.code, reason=refusal.reason)
         except (WebSocketDisconnect, RuntimeError, OSError):
-            logger.debug("client left before the auth failure was sent")
+            logger.debug("client left before the refusal was sent")

@@ -1,0 +1,97 @@
+"""One client connection's inbound side, sans-I/O: client frames in, what to do out.
+
+In the style of python-websockets' ``protocol.py``: the driver feeds each text frame
+the client sent to ``ClientProtocol.receive`` with the time, and gets a ``Received``
+back saying what to do —
+
+- ``reply``: a frame to send now, needing no I/O (``pong``, or the error for a frame
+  that was rate limited, malformed or over a limit);
+- ``command``: a message whose work needs Redis (``agent_judgement``, ``resume``,
+  ``cancel``, ``get_agents``); the driver runs it and, should it fail, sends the
+  frame ``failed`` builds.
+
+The order of the checks is the protocol's: the message rate first (a flood costs
+no parsing), then parsing and the limits. Nothing here raises on bad input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from magi_gateway.core import frames, protocol
+from magi_gateway.core.errors import GatewayError, RateLimited
+from magi_gateway.core.ids import AppId, ConnectionId
+from magi_gateway.core.ratelimit import TokenBucket
+
+__all__ = ["ClientProtocol", "Received"]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What one client frame asks of the driver."""
+
+    #: The message type, or ``invalid`` / ``rate_limited`` (for the counters).
+    kind: str
+    #: A message whose work needs I/O, to run (then ``failed`` on an error).
+    command: protocol.ClientMessage | None = None
+    #: A frame to send at once, and its type (``pong`` or ``error``).
+    reply: bytes | None = None
+    reply_kind: bytes = b""
+    #: The error code, when ``reply`` is an error.
+    error: str | None = None
+
+
+_PONG = Received("ping", reply=frames.PONG, reply_kind=b"pong")
+
+
+class ClientProtocol:
+    """The client side of one authenticated connection: who it is and how fast it may talk."""
+
+    __slots__ = ("appid", "id", "limits", "rate_limit")
+
+    def __init__(
+        self,
+        connection_id: ConnectionId,
+        appid: AppId,
+        limits: protocol.Limits,
+        rate_limit: TokenBucket | None = None,
+    ) -> None:
+        self.id = connection_id
+        self.appid = appid
+        self.limits = limits
+        #: Limits the client's messages (overflow policy: drop the frame, answer rate_limited).
+        self.rate_limit = rate_limit
+
+    def receive(self, frame: str | bytes, now: float) -> Received:
+        """Check and parse one client frame (``now``: monotonic seconds)."""
+        if self.rate_limit is not None and not self.rate_limit.allow(now):
+            return _error("rate_limited", RateLimited("Too many messages; slow down"))
+        try:
+            message = protocol.parse_client_frame(frame, self.limits)
+        except GatewayError as exc:
+            return _error("invalid", exc)
+        if isinstance(message, protocol.Ping):
+            return _PONG
+        return Received(message.type, command=message)
+
+    @staticmethod
+    def failed(command: protocol.ClientMessage, exc: GatewayError) -> Received:
+        """The error frame for a ``command`` whose work failed with ``exc``.
+
+        A failed ``resume`` or ``cancel`` says which session it was about, so that a
+        client can retry that one.
+        """
+        if exc.session_id is None and isinstance(command, protocol.Resume | protocol.Cancel):
+            exc.session_id = command.session_id
+        return _error(command.type, exc)
+
+    @staticmethod
+    def crashed(command: protocol.ClientMessage) -> Received:
+        """The error frame for a ``command`` whose work failed unexpectedly (a bug)."""
+        return Received(
+            command.type, reply=frames.internal_error_frame(), reply_kind=b"error", error="internal_error"
+        )
+
+
+def _error(kind: str, exc: GatewayError) -> Received:
+    return Received(kind, reply=frames.error_frame(exc), reply_kind=b"error", error=exc.code)

@@ -1,0 +1,82 @@
+"""Admitting a WebSocket client, sans-I/O: the checks of a handshake, in order.
+
+Every driver asks ``Admission.check`` and acts on the answer: ``None`` means accept
+and register the connection; a ``Refusal`` says what to send and how to close. The
+order is the protocol's (DESIGN.md §2):
+
+1. a browser ``Origin`` outside ``CORS_ORIGINS`` → refused before the upgrade (HTTP 403);
+2. an address (and appid) that failed too often → ``auth_throttled``, close 4001;
+3. a bad appid/token → ``auth_failed``, close 4001 (and the failure is counted);
+4. an instance shutting down → close 1012;
+5. an appid with ``MAX_CONNECTIONS_PER_APP`` connections here → ``too_many_connections``, 1013.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from magi_gateway.core import frames
+from magi_gateway.core.auth import FailureThrottle, TokenVerifier
+from magi_gateway.core.errors import CLOSE_AUTH_FAILED, CLOSE_SERVICE_RESTART, CLOSE_TRY_AGAIN_LATER
+
+__all__ = ["CLOSE_ORIGIN_REJECTED", "Admission", "Refusal"]
+
+#: Close code for a browser whose Origin is not in CORS_ORIGINS (sent before accept: HTTP 403).
+CLOSE_ORIGIN_REJECTED = 4003
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """How to turn a client away."""
+
+    code: int
+    reason: str
+    #: A frame to send before the close (after accepting), if any.
+    frame: bytes | None = None
+    #: True: refuse the upgrade itself (HTTP 403), nothing is accepted.
+    before_accept: bool = False
+    #: The authentication-failure reason, for the counters (``throttled``, ``bad_token``).
+    auth_failure: str | None = None
+
+
+ORIGIN_REJECTED = Refusal(CLOSE_ORIGIN_REJECTED, "Origin not allowed", before_accept=True)
+_AUTH_FAILED = "Authentication failed"
+THROTTLED = Refusal(CLOSE_AUTH_FAILED, _AUTH_FAILED, frames.AUTH_THROTTLED, auth_failure="throttled")
+BAD_TOKEN = Refusal(CLOSE_AUTH_FAILED, _AUTH_FAILED, frames.AUTH_FAILED, auth_failure="bad_token")
+RESTARTING = Refusal(CLOSE_SERVICE_RESTART, "Service restart")
+TOO_MANY = Refusal(CLOSE_TRY_AGAIN_LATER, "Too many connections", frames.TOO_MANY_CONNECTIONS)
+
+
+class Admission:
+    """The handshake checks of one gateway instance."""
+
+    __slots__ = ("allowed_origins", "throttle", "verifier")
+
+    def __init__(
+        self, verifier: TokenVerifier, throttle: FailureThrottle, cors_origins: list[str] | tuple[str, ...]
+    ) -> None:
+        self.verifier = verifier
+        self.throttle = throttle
+        #: None: every origin is allowed (``CORS_ORIGINS=*``).
+        self.allowed_origins: frozenset[str] | None = None if "*" in cors_origins else frozenset(cors_origins)
+
+    def check_origin(self, origin: str | None) -> Refusal | None:
+        """Step 1, before the upgrade: a browser from another site is refused."""
+        if self.allowed_origins is not None and origin and origin not in self.allowed_origins:
+            return ORIGIN_REJECTED
+        return None
+
+    def check(
+        self, peer: str, appid: str, token: str, now: float, *, accepting: bool, at_capacity: bool
+    ) -> Refusal | None:
+        """Steps 2-5, after the upgrade (``now``: UNIX seconds)."""
+        if self.throttle.is_blocked(peer, now):
+            return THROTTLED
+        if not self.verifier.verify(appid, token, now):
+            self.throttle.record_failure(peer, now)
+            return BAD_TOKEN
+        if not accepting:
+            return RESTARTING
+        if at_capacity:
+            return TOO_MANY
+        return None
