@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 import uvicorn
 
+from magi_gateway.cli._serving import uvicorn_config
 from magi_gateway.embedded import RedisServer
 from magi_gateway.server.app import create_app
 from magi_gateway.settings import Settings
@@ -93,15 +94,8 @@ async def start_gateway() -> AsyncIterator[Callable[[Settings], Awaitable[Gatewa
 
     async def start(settings: Settings) -> GatewayHandle:
         app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=0,
-            log_level="warning",
-            lifespan="on",
-            ws_max_size=4 * settings.max_frame_bytes,
-        )
-        server = uvicorn.Server(config)
+        # The configuration `magi-gateway serve` runs (WS_IMPL picks the /ws driver).
+        server = uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", 0, "warning"))
         task = asyncio.create_task(server.serve())
         started.append((server, task))
         while not server.started:

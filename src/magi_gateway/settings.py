@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"  # noqa: S104 - a server; `magi-gateway up` binds 127.0.0.1
     port: int = Field(8000, ge=0, le=65535)
     #: uvicorn's WebSocket implementation (compared in BENCHMARKS.md).
-    ws_impl: Literal["auto", "websockets", "websockets-sansio", "wsproto"] = "auto"
+    ws_impl: Literal["fast", "auto", "websockets", "websockets-sansio", "wsproto"] = "fast"
     #: Signs ``magi-gateway admin`` commands; unset, gateways ignore every admin command.
     admin_secret: str | None = None
     #: ``text`` for a terminal, ``json`` for one JSON object per log line (with ids).

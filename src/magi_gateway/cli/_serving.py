@@ -15,6 +15,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from magi_gateway.server.gateway import Gateway
+from magi_gateway.server.ws_protocol import fast_websocket_class
 from magi_gateway.settings import Settings
 
 __all__ = [
@@ -28,14 +29,21 @@ __all__ = [
 
 
 def uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, level: str) -> uvicorn.Config:
-    """uvicorn's configuration for the gateway app."""
+    """uvicorn's configuration for the gateway app.
+
+    ``WS_IMPL=fast`` (the default) serves ``/ws`` with the gateway's own protocol class
+    (``server.ws_protocol``); the others are uvicorn's, through the ASGI app.
+    """
+    ws: str | type[asyncio.Protocol] = settings.ws_impl
+    if settings.ws_impl == "fast":
+        ws = fast_websocket_class(asgi.state.gateway, asgi.state.admission)
     return uvicorn.Config(
         asgi,
         host=host,
         port=port,
         log_level=level,
         lifespan="on",
-        ws=settings.ws_impl,
+        ws=ws,
         # JSON logs: uvicorn's loggers propagate to the root handler instead of their own.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         # Frames up to 4x the protocol limit reach the gateway and get a clear error;

@@ -33,7 +33,7 @@ from magi_gateway.core.connection import ClientProtocol, Received
 from magi_gateway.core.errors import CLOSE_SERVICE_RESTART, BackendUnavailable, GatewayError
 from magi_gateway.core.ids import AppId, ConnectionId, InstanceId
 from magi_gateway.core.ratelimit import TokenBucket
-from magi_gateway.logs import session_id_var
+from magi_gateway.logs import connection_id_var, session_id_var
 from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
@@ -196,17 +196,19 @@ class Gateway:
     def receive(self, connection: Connection, frame: str | bytes) -> asyncio.Task[None] | None:
         """Act on one client frame (never raises; every failure becomes an error frame).
 
-        What needs no I/O is answered at once; a command joins the connection's queue,
-        run one at a time, in order, by a tracked task (a disconnect does not cut a
-        judgement's setup short). Returns that task when it is running.
+        Frames are answered in the order they came. What needs no I/O (a pong, an error)
+        is answered at once unless commands are queued before it; a command joins the
+        connection's queue, run one at a time by a tracked task (a disconnect does not
+        cut a judgement's setup short). Returns that task when this frame started it.
         """
         metrics.BYTES_IN.inc(len(frame.encode()) if isinstance(frame, str) else len(frame))
         received = connection.client.receive(frame, time.monotonic())
-        if received.command is None:
+        commands = connection.commands
+        if received.command is None and not commands:
             self._answer(connection, received)
             return None
-        connection.commands.append(received.command)
-        if len(connection.commands) > 1:
+        commands.append(received)
+        if len(commands) > 1:
             return None  # the running task takes it in turn
         task = self._spawn(self._run_commands(connection), f"commands-{connection.id}")
         connection.commands_task = task
@@ -220,18 +222,19 @@ class Gateway:
             connection.push(received.reply, received.reply_kind)
 
     async def _run_commands(self, connection: Connection) -> None:
+        connection_id_var.set(connection.id)  # this task's logs
         commands = connection.commands
         while commands:
-            command = commands[0]
-            session_id_var.set(getattr(command, "session_id", None))  # this task's logs
-            try:
-                await self._dispatch(connection, command)
-                received = Received(command.type)
-            except GatewayError as exc:
-                received = ClientProtocol.failed(command, exc)
-            except Exception:
-                logger.exception("unexpected error handling a frame on %s", connection.id)
-                received = ClientProtocol.crashed(command)
+            received = commands[0]
+            if (command := received.command) is not None:
+                session_id_var.set(getattr(command, "session_id", None))
+                try:
+                    await self._dispatch(connection, command)
+                except GatewayError as exc:
+                    received = ClientProtocol.failed(command, exc)
+                except Exception:
+                    logger.exception("unexpected error handling a frame on %s", connection.id)
+                    received = ClientProtocol.crashed(command)
             self._answer(connection, received)
             commands.popleft()
         connection.commands_task = None

@@ -10,8 +10,8 @@ Two ways to drain it, one per driver:
   when the first frame is queued; it takes every queued frame with ``take`` and
   writes them in one go, then calls ``drained``.
 
-Replays wait for room (``wait_for_room``) either way. Client commands (judgements,
-resumes, cancels) run one at a time per connection, in order, from ``commands``.
+Replays wait for room (``wait_for_room``) either way. Client frames are handled in
+order: commands (judgements, resumes, cancels) one at a time, from ``commands``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-from magi_gateway.core.connection import ClientProtocol
+from magi_gateway.core.connection import ClientProtocol, Received
 from magi_gateway.core.ids import AppId, ConnectionId
 from magi_gateway.core.outbox import Outbox
-from magi_gateway.core.protocol import ClientMessage, Limits
+from magi_gateway.core.protocol import Limits
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.server import metrics
 
@@ -39,8 +39,6 @@ Close = Callable[[int, str], Awaitable[None]]
 class Connection:
     """Frames queued for one WebSocket, and who it belongs to."""
 
-    __slots__ = ("_room", "_wakeup", "_writer", "client", "commands", "commands_task", "outbox", "peer")
-
     def __init__(
         self,
         connection_id: ConnectionId,
@@ -54,8 +52,9 @@ class Connection:
         self.client = ClientProtocol(connection_id, appid, limits or Limits(), rate_limit)
         self.peer = peer
         self.outbox = Outbox(max_messages)
-        #: Client commands waiting for their turn (at most one runs at a time).
-        self.commands: deque[ClientMessage] = deque()
+        #: Client frames waiting for their turn, in order: commands (at most one runs
+        #: at a time) and the answers of frames that came after them.
+        self.commands: deque[Received] = deque()
         #: The task running ``commands``, while there are any.
         self.commands_task: asyncio.Task[None] | None = None
         self._wakeup: asyncio.Event | None = None
