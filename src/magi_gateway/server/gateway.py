@@ -257,6 +257,7 @@ class Gateway:
 
     async def refresh_metrics(self) -> None:
         """Set the gauges that describe Redis (all instances), for a ``/metrics`` scrape."""
+        metrics.publish_counts()
         try:
             async with asyncio.timeout(_METRICS_TIMEOUT_S):  # a scrape must not hang on Redis
                 running = await self.store.running_sessions()

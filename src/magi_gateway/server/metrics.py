@@ -71,19 +71,32 @@ AGENT_PENDING = Gauge("magi_agent_pending", "Requests read by a worker and not y
 AGENT_WORKERS = Gauge("magi_agent_workers", "Live workers serving an agent", ["agent"])
 
 _MAX_TYPES = 32
-_OUT_BY_TYPE: dict[bytes, Counter] = {}
+#: Messages and bytes queued per type since the last scrape: [count, bytes].
+_PENDING_OUT: dict[bytes, list[int]] = {}
 
 
 def count_out(frame: bytes, kind: bytes) -> None:
     """Count one message of type ``kind`` queued to a client (error frames count as ``error``).
 
-    Label children are cached per type (this is the hot path); the cache is bounded by
-    the protocol's few message types, anything past ``_MAX_TYPES`` counts as "other".
+    The hot path: a dict update per frame; ``publish_counts`` adds the sums to the
+    Prometheus counters at each scrape (two ``Counter.inc`` per frame cost more than the
+    rest of handing the frame over). The types are bounded: past ``_MAX_TYPES`` a type
+    counts as "other".
     """
-    counter = _OUT_BY_TYPE.get(kind)
-    if counter is None:
-        if len(_OUT_BY_TYPE) >= _MAX_TYPES:
+    pending = _PENDING_OUT.get(kind)
+    if pending is None:
+        if len(_PENDING_OUT) >= _MAX_TYPES:
             kind = b"other"
-        counter = _OUT_BY_TYPE.setdefault(kind, MESSAGES_OUT.labels(kind.decode()))
-    counter.inc()
-    BYTES_OUT.inc(len(frame))
+        pending = _PENDING_OUT.setdefault(kind, [0, 0])
+    pending[0] += 1
+    pending[1] += len(frame)
+
+
+def publish_counts() -> None:
+    """Add what ``count_out`` summed to ``magi_messages_out_total`` and ``magi_bytes_out_total``."""
+    for kind, pending in _PENDING_OUT.items():
+        count, size = pending
+        if count:
+            pending[0] = pending[1] = 0
+            MESSAGES_OUT.labels(kind.decode()).inc(count)
+            BYTES_OUT.inc(size)
