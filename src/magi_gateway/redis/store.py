@@ -161,6 +161,12 @@ class Store:
             pending=frozenset(AgentId(a.decode()) for a in pending),
         )
 
+    async def result_code(self, session_id: SessionId, agent_id: AgentId) -> ResultCode | None:
+        """The ``result_code`` of the agent's final, or None while it has none (or the session is gone)."""
+        with redis_errors():
+            summary: Any = await self.redis.hget(self.keys.session(session_id).results, agent_id)
+        return None if summary is None else ResultCode(orjson.loads(summary)["result_code"])
+
     async def set_owner(self, session_id: SessionId, owner: InstanceId) -> None:
         """Route the session's notifications to ``owner`` from now on."""
         with redis_errors():

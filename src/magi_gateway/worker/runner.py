@@ -31,6 +31,7 @@ from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import AgentError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.output_limits import checked_final
 from magi_gateway.core.session import ResultCode
 from magi_gateway.logs import session_id_var
 from magi_gateway.redis.client import connect
@@ -221,7 +222,8 @@ class Worker:
 
     def _cancel_session(self, session_id: SessionId) -> None:
         for job in self._jobs.values():
-            if job.request.session_id == session_id and not job.task.done():
+            # An agent that already learned of the cancel from its session is stopping by itself.
+            if job.request.session_id == session_id and not job.task.done() and not job.ctx.cancelled:
                 job.ctx.cancel()
                 job.task.cancel()
 
@@ -242,12 +244,23 @@ class Worker:
                     # (A chunk whose reply was lost in the outage may be logged twice.)
                     await asyncio.sleep(backoff.failed(logger, "streaming a chunk", exc))
 
+        async def was_cancelled() -> bool:
+            # The session refused a chunk: its final is in. The client's cancel wrote it
+            # when its code says so, whether or not the cancel notice has arrived yet.
+            try:
+                code = await self.store.result_code(request.session_id, request.agent_id)
+            except BackendUnavailable:
+                return False
+            return code == ResultCode.CANCELLED
+
         ctx = Context(
             session_id=request.session_id,
             agent_id=request.agent_id,
             appid=request.appid,
             deadline=request.deadline_ms / 1000,
             sink=sink,
+            was_cancelled=was_cancelled,
+            max_chunk_bytes=self.settings.max_chunk_bytes,
         )
         task = asyncio.create_task(self._serve(request, ctx), name=f"serve-{request.session_id}")
         self._jobs[request.message_id] = _Job(request, ctx, task)
@@ -298,6 +311,12 @@ class Worker:
         await self._ack(request)
 
     async def _write_final(self, request: Request, code: ResultCode, data: dict[str, Any]) -> None:
+        # Checked before writing: a final that cannot be encoded would fail every delivery
+        # of the request alike, and end as result_code 5 after paid retries.
+        code, checked = checked_final(request.agent_id, code, data, self.settings.max_final_bytes)
+        if checked is not data:
+            logger.warning("session %s: %s", request.session_id, checked["error"])
+        data = checked
         backoff = Backoff.for_settings(self.settings)
         for _attempt in range(_FINAL_RETRY_LIMIT):
             try:
