@@ -22,7 +22,8 @@ checks it before writing, so it is not retried).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -56,7 +57,7 @@ class JudgementClosed(Exception):
     """The session no longer accepts this agent's output (final given, timed out, gone)."""
 
 
-#: Takes one piece of thinking; False when the session refused it.
+#: Takes one piece of thinking; False once the session refused this agent's output.
 ThinkSink = Callable[[str], Awaitable[bool]]
 #: Whether the session refused this agent's output because the client cancelled it.
 CancelCheck = Callable[[], Awaitable[bool]]
@@ -109,15 +110,23 @@ class Context:
     async def think(self, text: str) -> None:
         """Stream a thinking chunk to the client (``agent_judgement_stream``).
 
-        Text over ``MAX_CHUNK_BYTES`` goes as several consecutive messages. Raises
-        ``JudgementClosed`` when the session no longer wants this agent's output; the
-        runner then stops the agent quietly. When that is because the client cancelled
-        the session, it raises ``asyncio.CancelledError`` instead (and ``cancelled`` is
-        true), as when the worker's cancel reaches the agent first.
+        The chunk is queued for the worker to write, so this returns without waiting
+        for Redis (it waits only while this agent's queue is full). Text over
+        ``MAX_CHUNK_BYTES`` goes as several consecutive messages. Raises
+        ``JudgementClosed`` when the session no longer wants this agent's output: past
+        the deadline at once, otherwise once a chunk was refused (so the call after
+        it); the runner then stops the agent quietly. When that is because the client
+        cancelled the session, it raises ``asyncio.CancelledError`` instead (and
+        ``cancelled`` is true), as when the worker's cancel reaches the agent first.
         """
-        if self._closed:
+        if self._closed or time.time() >= self.deadline:
+            self._closed = True
             self._raise_closed()
-        for piece in split_thinking(text, self._max_chunk_bytes):
+        if len(text) * 6 <= self._max_chunk_bytes:  # the common case: fits, however encoded
+            pieces: Sequence[str] = (text,)
+        else:
+            pieces = split_thinking(text, self._max_chunk_bytes)
+        for piece in pieces:
             if not await self._sink(piece):
                 self._closed = True
                 if await self._was_cancelled():
