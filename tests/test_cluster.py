@@ -35,6 +35,7 @@ from ._support import (
 )
 from .test_delivery import (  # noqa: F401 - collected here again, on the cluster
     store,
+    test_an_agent_that_streams_before_the_cancel_notice_arrives_sees_a_cancel,
     test_cancel_stops_pending_agents_and_keeps_finished_ones,
     test_resume_gets_exactly_the_missed_messages_then_live_ones,
     test_timeout_is_enforced_after_the_starting_gateway_died,

@@ -14,7 +14,7 @@ import websockets
 from redis.asyncio import Redis
 
 from magi_gateway.agents import BenchAgent, demo_agents
-from magi_gateway.core.ids import AppId
+from magi_gateway.core.ids import AppId, SessionId
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
@@ -294,6 +294,50 @@ async def test_cancel_stops_pending_agents_and_keeps_finished_ones(
         return True
 
     await eventually(acknowledged, timeout=5, what="the cancelled requests to be acknowledged")
+
+
+class _DeafWorker(Worker):
+    """A worker whose cancel notices never arrive (as when one comes late)."""
+
+    def _cancel_session(self, session_id: SessionId) -> None:
+        pass
+
+
+async def test_an_agent_that_streams_before_the_cancel_notice_arrives_sees_a_cancel(
+    gateway: GatewayHandle, store: Store, redis_client: Redis, settings: Settings
+) -> None:
+    sloth = Sloth("sloth")
+    worker = _DeafWorker([sloth.agent], settings)
+    running = asyncio.create_task(worker.run())
+
+    async def live() -> bool:
+        return bool((await worker.store.liveness.live_worker_counts(["sloth"]))["sloth"])
+
+    try:
+        await eventually(live, timeout=5, what="the worker's first heartbeat")
+        async with await gateway.connect() as ws:
+            await send(ws, judgement_message(["sloth"]))
+            accepted = await recv(ws)
+            session_id = accepted["session_id"]
+            while (await recv(ws))["type"] != "agent_judgement_stream":
+                pass
+            await send(ws, cancel(session_id))
+            got = await collect_until_complete(ws, session_id)
+        assert [m["type"] for m in got][-2:] == ["agent_judgement_final", "agent_judgement_complete"]
+        assert got[-2]["result_code"] == 4
+        # The agent's next chunk is refused: it learns of the cancel from its session.
+        await asyncio.wait_for(sloth.stopped.wait(), 5)
+        assert sloth.outcome == "cancelled"
+        assert sloth.ctx_cancelled is True
+        stream = Keys(store.keys.prefix).requests("sloth")
+
+        async def acknowledged() -> bool:
+            return (await redis_client.xpending(stream, WORKER_GROUP))["pending"] == 0
+
+        await eventually(acknowledged, timeout=5, what="the cancelled request to be acknowledged")
+    finally:
+        worker.stop()
+        await running
 
 
 async def test_cancel_of_unknown_and_of_another_apps_session_is_not_found(

@@ -355,6 +355,38 @@ async def test_response_backlog_is_delivered_in_order(
     assert not await redis_client.exists(lists.processing, lists.stream_responses, lists.final_responses)
 
 
+async def test_legacy_responses_keep_the_output_limits(
+    legacy_settings: Settings, lists: LegacyKeys, store: Store, redis_client: aioredis.Redis
+) -> None:
+    """A backend's 3 MB chunk is split (nothing lost, its other fields on the first piece);
+    its oversized final becomes result_code 1."""
+    session_id = await new_session(store, LEGACY)
+    text = "漢字 and ascii, " * (3 * 1024 * 1024 // 19)
+    message = orjson.loads(chunk(session_id, "oldie", text))
+    message["data"]["tone"] = "calm"
+    await redis_client.lpush(lists.stream_responses, orjson.dumps(message))
+    await redis_client.lpush(lists.final_responses, final(session_id, "oldie"))
+    big = {"judgement": "x" * legacy_settings.max_final_bytes, "decision": "approve"}
+    await redis_client.lpush(lists.final_responses, final(session_id, "elder", data=big))
+
+    await run_burst(LegacyBridge(LEGACY, legacy_settings, burst=True))
+
+    log = await session_log(store, session_id)
+    assert_complete_log(log, LEGACY)
+    pieces = chunks_of(log, "oldie")
+    assert len(pieces) >= len(text.encode()) // legacy_settings.max_chunk_bytes > 1
+    assert "".join(m["data"]["thinking"] for m in pieces) == text
+    assert all(
+        len(orjson.dumps(m["data"]["thinking"])) - 2 <= legacy_settings.max_chunk_bytes for m in pieces
+    )
+    assert pieces[0]["data"]["tone"] == "calm"
+    assert all(set(m["data"]) == {"thinking"} for m in pieces[1:])
+    finals = {m["agent_id"]: m for m in log if m["type"] == "agent_judgement_final"}
+    assert finals["oldie"]["result_code"] == 0
+    assert finals["elder"]["result_code"] == 1
+    assert "over the limit" in finals["elder"]["data"]["error"]
+
+
 async def test_responses_taken_by_a_dead_bridge_are_delivered_once(
     legacy_settings: Settings, lists: LegacyKeys, store: Store, redis_client: aioredis.Redis
 ) -> None:

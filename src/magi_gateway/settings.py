@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     max_input_bytes: int = Field(32 * 1024, ge=1)
     #: Stream chunks kept per session; later chunks are dropped (finals never are).
     max_session_messages: int = Field(10_000, ge=16)
+    #: Encoded bytes of one stream message's ``data.thinking``; longer thinking is split.
+    max_chunk_bytes: int = Field(64 * 1024, ge=1024)
+    #: Encoded bytes of one agent's final; a larger one becomes ``result_code`` 1.
+    max_final_bytes: int = Field(256 * 1024, ge=1024)
     #: Client messages per second per connection (average), and the burst allowed.
     max_messages_per_s: float = Field(20.0, gt=0)
     message_burst: int = Field(40, ge=1)

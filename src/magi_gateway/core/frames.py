@@ -35,6 +35,7 @@ __all__ = [
     "internal_error_frame",
     "session_head",
     "stream_tail",
+    "stream_tail_affixes",
 ]
 
 SessionFrameType = Literal[
@@ -105,6 +106,17 @@ def accepted_tail(agent_ids: Iterable[AgentId], request_id: str | None) -> bytes
 def stream_tail(agent_id: str, data: dict[str, Any]) -> bytes:
     """Tail of ``agent_judgement_stream``."""
     return _tail({"agent_id": agent_id, "data": data})
+
+
+def stream_tail_affixes(agent_id: str, extra: Mapping[str, Any]) -> tuple[bytes, bytes]:
+    """What goes around a JSON-encoded thinking string to make a stream tail.
+
+    ``prefix + orjson.dumps(text) + suffix == stream_tail(agent_id, {"thinking": text, **extra})``:
+    a worker builds these once per request and encodes only the text per chunk.
+    """
+    prefix = b'"agent_id":' + orjson.dumps(agent_id) + b',"data":{"thinking":'
+    suffix = (b"," + orjson.dumps(dict(extra))[1:-1] if extra else b"") + b"}}"
+    return prefix, suffix
 
 
 def final_tail(agent_id: str, result_code: int, data: dict[str, Any]) -> bytes:

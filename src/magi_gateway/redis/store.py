@@ -11,15 +11,12 @@ guarded so it exists once.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
@@ -28,6 +25,7 @@ from magi_gateway.core.frames import SessionFrameType
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 from magi_gateway.core.notification import notify_prefix, probe_notification
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
+from magi_gateway.redis.chunks import ChunkWriter
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.keys import Keys
@@ -37,8 +35,6 @@ __all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "SessionInfo",
 
 #: The one write path of every session message (see the script's header).
 _APPEND_LUA = files("magi_gateway.redis").joinpath("lua/append.lua").read_text(encoding="utf-8")
-#: Thinking chunks, a batch of one session's in one call.
-_APPEND_CHUNKS_LUA = files("magi_gateway.redis").joinpath("lua/append_chunks.lua").read_text(encoding="utf-8")
 
 #: The readiness key expires by itself.
 _PROBE_TTL_MS = 5000
@@ -91,7 +87,8 @@ class Store:
         self.max_session_messages = max_session_messages
         self.request_stream_maxlen = request_stream_maxlen
         self._append = redis.register_script(_APPEND_LUA)
-        self._append_chunks = redis.register_script(_APPEND_CHUNKS_LUA)
+        #: Thinking chunks, many per round trip.
+        self.chunks = ChunkWriter(redis, keys)
 
     # -- sessions --------------------------------------------------------------
 
@@ -160,6 +157,12 @@ class Store:
             completed=b"completed" in meta,
             pending=frozenset(AgentId(a.decode()) for a in pending),
         )
+
+    async def result_code(self, session_id: SessionId, agent_id: AgentId) -> ResultCode | None:
+        """The ``result_code`` of the agent's final, or None while it has none (or the session is gone)."""
+        with redis_errors():
+            summary: Any = await self.redis.hget(self.keys.session(session_id).results, agent_id)
+        return None if summary is None else ResultCode(orjson.loads(summary)["result_code"])
 
     async def set_owner(self, session_id: SessionId, owner: InstanceId) -> None:
         """Route the session's notifications to ``owner`` from now on."""
@@ -233,67 +236,14 @@ class Store:
     ) -> list[AppendResult | BackendUnavailable]:
         """Append encoded chunks (``frames.stream_tail``) in one round trip, in order.
 
-        The chunks of one session go in one call of ``lua/append_chunks.lua`` (one
-        notification, one refresh of expiries for all of them); the calls for several
-        sessions share a pipeline. Returns one outcome per chunk, so a failure fails only
-        its own session's chunks. (When the connection drops mid-pipeline nobody knows
-        which appends ran: all of them fail, and a retry may log some twice, as a single
-        chunk whose reply was lost.) On a Redis Cluster, whose pipelines refuse scripts,
-        the sessions' calls run concurrently.
+        One outcome per chunk, so a failure fails only its own session's chunks (see
+        ``ChunkWriter.append_runs``, which workers call with runs of chunks).
         """
-        by_session: dict[SessionId, list[int]] = {}
-        for index, (session_id, _agent, _tail) in enumerate(chunks):
-            by_session.setdefault(session_id, []).append(index)
-        groups = [(sid, [chunks[i][1:] for i in indexes], indexes) for sid, indexes in by_session.items()]
-        replies: list[Any]
-        if isinstance(self.redis, RedisCluster):
-            replies = await asyncio.gather(
-                *(self._run_chunks(sid, items) for sid, items, _ in groups), return_exceptions=True
-            )
-        else:
-            with redis_errors():
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for sid, items, _ in groups:
-                        keys, args = self._chunk_call(sid, items)
-                        pipe.evalsha(self._append_chunks.sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
-        results: list[AppendResult | BackendUnavailable] = [BackendUnavailable("not appended")] * len(chunks)
-        for (sid, items, indexes), reply in zip(groups, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                # The script is not loaded (a new or restarted server): the Script object loads it.
-                try:
-                    reply = await self._run_chunks(sid, items)
-                except BackendUnavailable as exc:
-                    reply = exc
-            if isinstance(reply, BaseException):
-                if not isinstance(reply, Exception):
-                    raise reply  # CancelledError and the like: not an outcome
-                failure = reply if isinstance(reply, BackendUnavailable) else _unavailable(reply)
-                for index in indexes:
-                    results[index] = failure
-                continue
-            for index, code in zip(indexes, reply, strict=True):
-                results[index] = AppendResult(code if code > 0 else None)
-        return results
-
-    def _chunk_call(
-        self, session_id: SessionId, items: Sequence[tuple[AgentId, bytes]]
-    ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``lua/append_chunks.lua``."""
-        args: list[Any] = [
-            frames.session_head("agent_judgement_stream", session_id),
-            self.keys.gateway_channel_prefix,
-            notify_prefix(session_id),
+        outcomes = await self.chunks.append_runs([(sid, agent, (tail,)) for sid, agent, tail in chunks])
+        return [
+            outcome if isinstance(outcome, BackendUnavailable) else AppendResult(max(outcome[0], 0) or None)
+            for outcome in outcomes
         ]
-        for agent_id, tail in items:
-            args += (agent_id, tail)
-        return self.keys.session(session_id).all(), args
-
-    async def _run_chunks(self, session_id: SessionId, items: Sequence[tuple[AgentId, bytes]]) -> list[int]:
-        keys, args = self._chunk_call(session_id, items)
-        with redis_errors():
-            reply: list[int] = await self._append_chunks(keys=keys, args=args)
-        return reply
 
     async def append_final(
         self,
@@ -428,10 +378,3 @@ class Store:
                 )
                 pipe.pexpire(stream, REQUEST_STREAM_TTL_MS)
                 await pipe.execute()
-
-
-def _unavailable(cause: Exception) -> BackendUnavailable:
-    """A Redis failure as the ``BackendUnavailable`` callers retry."""
-    failure = BackendUnavailable("Backend temporarily unavailable")
-    failure.__cause__ = cause
-    return failure

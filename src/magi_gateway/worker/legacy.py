@@ -19,6 +19,9 @@ onto ``queue_agent_judgement_stream`` and ``queue_agent_judgement_final``.
 - **Order.** Finals move only while the stream list is empty, in the same atomic script:
   a backend pushes a final after its chunks, so they are all ahead of it in the
   processing list, which is delivered strictly in order.
+- **Size limits**: a chunk's thinking over ``MAX_CHUNK_BYTES`` is appended as several
+  chunks (its other fields with the first); a final over ``MAX_FINAL_BYTES`` becomes
+  ``result_code`` 1, as for the SDK's agents.
 - **Bad input** (not JSON, no ``session_id``, unknown session or agent) is logged,
   counted in ``dropped`` and skipped; responses the session refuses (after the agent's
   final, e.g. a timeout) are counted in ``refused``.
@@ -31,16 +34,18 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.legacy import legacy_request, parse_legacy_response, resolve_agent
+from magi_gateway.core.output_limits import checked_final, split_thinking
 from magi_gateway.redis.client import connect
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.legacy import FINAL_TAG, LegacyLists
-from magi_gateway.redis.store import Store
+from magi_gateway.redis.store import AppendResult, Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
@@ -239,16 +244,32 @@ class LegacyBridge:
             self._drop("unknown_agent", raw)
             return
         if response.kind == "stream":
-            result = await self.store.append_stream(response.session_id, agent_id, response.data)
+            result = await self._append_stream(response.session_id, agent_id, response.data)
         else:
-            result = await self.store.append_final(
-                response.session_id, agent_id, response.result_code, response.data
+            code, data = checked_final(
+                agent_id, response.result_code, response.data, self.settings.max_final_bytes
             )
+            result = await self.store.append_final(response.session_id, agent_id, code, data)
         if result.seq is None:
             self.refused += 1
             logger.debug("session %s refused a legacy %s of %s", response.session_id, response.kind, agent_id)
         else:
             self.relayed += 1
+
+    async def _append_stream(
+        self, session_id: SessionId, agent_id: AgentId, data: dict[str, Any]
+    ) -> AppendResult:
+        """Append a chunk, its thinking split at ``MAX_CHUNK_BYTES`` (other fields with the first piece)."""
+        thinking = data.get("thinking")
+        if not isinstance(thinking, str):
+            return await self.store.append_stream(session_id, agent_id, data)
+        result = AppendResult(None)
+        for index, piece in enumerate(split_thinking(thinking, self.settings.max_chunk_bytes)):
+            part = {**data, "thinking": piece} if index == 0 else {"thinking": piece}
+            result = await self.store.append_stream(session_id, agent_id, part)
+            if result.seq is None:
+                break
+        return result
 
     async def _agents_of(self, session_id: SessionId) -> tuple[AgentId, ...] | None:
         """The session's agents (they never change, so they are remembered)."""

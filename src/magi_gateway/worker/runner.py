@@ -31,6 +31,7 @@ from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import AgentError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.output_limits import checked_final
 from magi_gateway.core.session import ResultCode
 from magi_gateway.logs import session_id_var
 from magi_gateway.redis.client import connect
@@ -38,7 +39,7 @@ from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.requests import Request, RequestQueue
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
-from magi_gateway.worker.appender import ChunkAppender
+from magi_gateway.worker.appender import ChunkAppender, ChunkStream
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
 
 __all__ = ["Worker"]
@@ -84,7 +85,7 @@ class Worker:
         self.redis = connect(self.settings, client_name="magi-worker")
         self.store = Store(self.redis, self.keys)
         self.queue = RequestQueue(self.redis, self.keys, list(self.agents), self.worker_id)
-        self.appender = ChunkAppender(self.store)
+        self.appender = ChunkAppender(self.store, Backoff.for_settings(self.settings))
         self.claim_idle_ms = int(self.settings.worker_claim_idle_s * 1000)
         self._jobs: dict[bytes, _Job] = {}
         self._slot_freed = asyncio.Event()
@@ -221,35 +222,38 @@ class Worker:
 
     def _cancel_session(self, session_id: SessionId) -> None:
         for job in self._jobs.values():
-            if job.request.session_id == session_id and not job.task.done():
+            # An agent that already learned of the cancel from its session is stopping by itself.
+            if job.request.session_id == session_id and not job.task.done() and not job.ctx.cancelled:
                 job.ctx.cancel()
                 job.task.cancel()
 
     # -- serving -------------------------------------------------------------------
 
     def _start(self, request: Request, attempt: int) -> None:
-        async def sink(text: str) -> bool:
-            data: dict[str, Any] = {"thinking": text}
-            if attempt > 1:
-                data["attempt"] = attempt
-            backoff = Backoff.for_settings(self.settings)
-            while True:
-                try:
-                    result = await self.appender.append(request.session_id, request.agent_id, data)
-                    return result.seq is not None
-                except BackendUnavailable as exc:
-                    # Ride out a Redis outage; the agent's deadline still bounds the wait.
-                    # (A chunk whose reply was lost in the outage may be logged twice.)
-                    await asyncio.sleep(backoff.failed(logger, "streaming a chunk", exc))
+        # A retried attempt marks its chunks, so a client can tell a restart.
+        stream = self.appender.stream(
+            request.session_id, request.agent_id, {"attempt": attempt} if attempt > 1 else {}
+        )
+
+        async def was_cancelled() -> bool:
+            # The session refused a chunk: its final is in. The client's cancel wrote it
+            # when its code says so, whether or not the cancel notice has arrived yet.
+            try:
+                code = await self.store.result_code(request.session_id, request.agent_id)
+            except BackendUnavailable:
+                return False
+            return code == ResultCode.CANCELLED
 
         ctx = Context(
             session_id=request.session_id,
             agent_id=request.agent_id,
             appid=request.appid,
             deadline=request.deadline_ms / 1000,
-            sink=sink,
+            sink=stream.put,
+            was_cancelled=was_cancelled,
+            max_chunk_bytes=self.settings.max_chunk_bytes,
         )
-        task = asyncio.create_task(self._serve(request, ctx), name=f"serve-{request.session_id}")
+        task = asyncio.create_task(self._serve(request, ctx, stream), name=f"serve-{request.session_id}")
         self._jobs[request.message_id] = _Job(request, ctx, task)
         task.add_done_callback(lambda t: self._served(request.message_id, t))
 
@@ -267,13 +271,20 @@ class Worker:
         _done, pending = await asyncio.wait(tasks, timeout=self.grace_s)
         await cancel_and_wait(pending)
 
-    async def _serve(self, request: Request, ctx: Context) -> None:
+    async def _serve(self, request: Request, ctx: Context, stream: ChunkStream) -> None:
+        try:
+            if await self._judge(request, ctx, stream):
+                await self._ack(request)
+        finally:
+            stream.close()
+
+    async def _judge(self, request: Request, ctx: Context, stream: ChunkStream) -> bool:
+        """Run the agent and write its final; True when the request is done (to acknowledge)."""
         session_id_var.set(request.session_id)  # this job's task only, for its logs
         agent = self.agents[request.agent_id]
         remaining_s = (request.deadline_ms - now_ms()) / 1000
         if remaining_s <= 0:
-            await self._ack(request)  # the gateway has given it a timeout final already
-            return
+            return True  # the gateway has given it a timeout final already
         code, data = ResultCode.OK, {}
         try:
             async with asyncio.timeout(remaining_s):
@@ -283,21 +294,33 @@ class Worker:
         except asyncio.CancelledError:
             if not ctx.cancelled:
                 raise  # shutdown: leave the request pending for another worker
-            await self._ack(request)  # the gateway wrote the cancelled finals
-            return
+            return True  # the gateway wrote the cancelled finals
         except (JudgementClosed, TimeoutError):
-            await self._ack(request)  # the session has this agent's final already
-            return
+            return True  # the session has this agent's final already
         except AgentError as exc:
             code, data = ResultCode.AGENT_ERROR, {"error": str(exc)}
         except Exception:
             logger.exception("agent %s failed on session %s", agent.name, request.session_id)
             code = ResultCode.AGENT_ERROR
             data = {"error": f"Agent '{agent.name}' failed with an internal error"}
+        # The final follows the agent's chunks; a deadline passing meanwhile (a Redis
+        # outage) is a timeout, whose final the gateway writes.
+        if stream.queued or stream.writing:
+            try:
+                async with asyncio.timeout(max((request.deadline_ms - now_ms()) / 1000, 0)):
+                    await stream.drain()
+            except TimeoutError:
+                return True
         await self._write_final(request, code, data)
-        await self._ack(request)
+        return True
 
     async def _write_final(self, request: Request, code: ResultCode, data: dict[str, Any]) -> None:
+        # Checked before writing: a final that cannot be encoded would fail every delivery
+        # of the request alike, and end as result_code 5 after paid retries.
+        code, checked = checked_final(request.agent_id, code, data, self.settings.max_final_bytes)
+        if checked is not data:
+            logger.warning("session %s: %s", request.session_id, checked["error"])
+        data = checked
         backoff = Backoff.for_settings(self.settings)
         for _attempt in range(_FINAL_RETRY_LIMIT):
             try:

@@ -12,15 +12,23 @@
 Run it with ``magi-gateway agent mymodule:echo``. Raise ``AgentError("text")`` to fail
 a judgement with a message the client sees (``result_code`` 1); any other exception
 is logged by the worker and reported to the client without its text.
+
+Output limits: ``ctx.think`` cuts thinking longer than ``MAX_CHUNK_BYTES`` (encoded) into
+several stream messages, between code points; a final larger than ``MAX_FINAL_BYTES``, or
+one that cannot be encoded as JSON, reaches the client as ``result_code`` 1 (the worker
+checks it before writing, so it is not retried).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from magi_gateway.core.ids import AgentId, AppId, SessionId
+from magi_gateway.core.output_limits import split_thinking
 from magi_gateway.core.protocol import AGENT_ID_PATTERN
 from magi_gateway.core.session import normalize_decision
 
@@ -49,7 +57,14 @@ class JudgementClosed(Exception):
     """The session no longer accepts this agent's output (final given, timed out, gone)."""
 
 
+#: Takes one piece of thinking; False once the session refused this agent's output.
 ThinkSink = Callable[[str], Awaitable[bool]]
+#: Whether the session refused this agent's output because the client cancelled it.
+CancelCheck = Callable[[], Awaitable[bool]]
+
+
+async def _never_cancelled() -> bool:
+    return False
 
 
 class Context:
@@ -63,6 +78,8 @@ class Context:
         appid: AppId,
         deadline: float,
         sink: ThinkSink,
+        was_cancelled: CancelCheck = _never_cancelled,
+        max_chunk_bytes: int = 64 * 1024,
     ) -> None:
         self.session_id = session_id
         self.agent_id = agent_id
@@ -70,6 +87,8 @@ class Context:
         #: UNIX time after which the gateway gives this agent a timeout final.
         self.deadline = deadline
         self._sink = sink
+        self._was_cancelled = was_cancelled
+        self._max_chunk_bytes = max_chunk_bytes
         self._closed = False
         self._cancelled = False
 
@@ -91,12 +110,33 @@ class Context:
     async def think(self, text: str) -> None:
         """Stream a thinking chunk to the client (``agent_judgement_stream``).
 
-        Raises ``JudgementClosed`` when the session no longer wants this agent's
-        output; the runner then stops the agent quietly.
+        The chunk is queued for the worker to write, so this returns without waiting
+        for Redis (it waits only while this agent's queue is full). Text over
+        ``MAX_CHUNK_BYTES`` goes as several consecutive messages. Raises
+        ``JudgementClosed`` when the session no longer wants this agent's output: past
+        the deadline at once, otherwise once a chunk was refused (so the call after
+        it); the runner then stops the agent quietly. When that is because the client
+        cancelled the session, it raises ``asyncio.CancelledError`` instead (and
+        ``cancelled`` is true), as when the worker's cancel reaches the agent first.
         """
-        if self._closed or not await self._sink(text):
+        if self._closed or time.time() >= self.deadline:
             self._closed = True
-            raise JudgementClosed(self.session_id)
+            self._raise_closed()
+        if len(text) * 6 <= self._max_chunk_bytes:  # the common case: fits, however encoded
+            pieces: Sequence[str] = (text,)
+        else:
+            pieces = split_thinking(text, self._max_chunk_bytes)
+        for piece in pieces:
+            if not await self._sink(piece):
+                self._closed = True
+                if await self._was_cancelled():
+                    self._cancelled = True
+                self._raise_closed()
+
+    def _raise_closed(self) -> NoReturn:
+        if self._cancelled:
+            raise asyncio.CancelledError
+        raise JudgementClosed(self.session_id)
 
 
 class Agent:
