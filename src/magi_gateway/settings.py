@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     max_auth_failures_per_min: int = Field(10, ge=1)
     #: Messages queued for one slow client before it is closed with 1013.
     max_outbound_messages: int = Field(1024, ge=1)
+    #: Bytes queued for one slow client before it is closed with 1013 (one larger frame
+    #: still fits into an empty buffer); replays wait for room instead.
+    max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     #: Requests kept per agent stream (approximate trim, a backstop, not a queue policy).
     request_stream_maxlen: int = Field(100_000, ge=100)
 

@@ -170,6 +170,7 @@ class Gateway:
             ConnectionId(secrets.token_hex(8)),
             appid,
             max_messages=self.settings.max_outbound_messages,
+            max_bytes=self.settings.max_outbound_bytes,
             peer=peer,
             rate_limit=TokenBucket(
                 self.settings.max_messages_per_s, self.settings.message_burst, time.monotonic()

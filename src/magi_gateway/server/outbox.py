@@ -11,7 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from magi_gateway.core.ids import AppId, ConnectionId
-from magi_gateway.core.outbox import Outbox
+from magi_gateway.core.outbox import DEFAULT_MAX_BYTES, Outbox
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.server import metrics
 
@@ -32,6 +32,7 @@ class Connection:
         appid: AppId,
         *,
         max_messages: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         peer: str = "",
         rate_limit: TokenBucket | None = None,
     ) -> None:
@@ -40,7 +41,7 @@ class Connection:
         self.peer = peer
         #: Limits the client's messages (overflow policy: drop the frame, answer rate_limited).
         self.rate_limit = rate_limit
-        self.outbox = Outbox(max_messages)
+        self.outbox = Outbox(max_messages, max_bytes)
         self._wakeup = asyncio.Event()
         self._room = asyncio.Event()
 
@@ -48,6 +49,11 @@ class Connection:
     def max_messages(self) -> int:
         """Frames the outbox holds before the connection is closed with 1013."""
         return self.outbox.max_messages
+
+    @property
+    def max_bytes(self) -> int:
+        """Bytes the outbox holds before the connection is closed with 1013."""
+        return self.outbox.max_bytes
 
     @property
     def closing(self) -> bool:
@@ -75,9 +81,10 @@ class Connection:
         self._wakeup.set()
         self._room.set()
 
-    async def wait_for_room(self, count: int) -> None:
-        """Wait until ``count`` more frames fit in the buffer (or the connection closes)."""
-        while not self.outbox.has_room(count):
+    async def wait_for_room(self, count: int, size: int = 0) -> None:
+        """Wait until ``count`` more frames of ``size`` bytes fit in the buffer (or the
+        connection closes)."""
+        while not self.outbox.has_room(count, size):
             self._room.clear()
             await self._room.wait()
 
