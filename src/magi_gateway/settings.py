@@ -60,6 +60,12 @@ class Settings(BaseSettings):
     message_burst: int = Field(40, ge=1)
     #: Open connections per appid on one gateway instance.
     max_connections_per_app: int = Field(1000, ge=1)
+    #: Open connections (HTTP and WebSocket) per gateway instance; above it a request, or a
+    #: WebSocket upgrade, is answered 503 and the connection closed (``/healthz`` exempt).
+    max_connections: int = Field(16384, ge=1)
+    #: A connection that has not sent complete request headers (for ``/ws``: the upgrade)
+    #: this long after it opened, or after its previous request, is closed.
+    handshake_timeout_s: float = Field(10.0, gt=0)
     #: Failed authentications per address per minute before it is refused for a while.
     max_auth_failures_per_min: int = Field(10, ge=1)
     #: Messages queued for one slow client before it is closed with 1013.
