@@ -20,4 +20,6 @@ if __name__ == "__main__":
         port=settings.port,
         ws_max_size=4 * settings.max_frame_bytes,
         http=http_protocol(settings),  # handshake timeout, 431 for oversized heads, MAX_CONNECTIONS
+        proxy_headers=settings.trusts_proxies,  # X-Forwarded-For from FORWARDED_ALLOW_IPS only
+        forwarded_allow_ips=settings.forwarded_allow_ips,
     )

@@ -39,6 +39,9 @@ def uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, le
         ws=settings.ws_impl,
         # Handshake timeout, bounded request heads (431), MAX_CONNECTIONS (503).
         http=http_protocol(settings),
+        # X-Forwarded-For only from the proxies named (uvicorn would trust loopback by default).
+        proxy_headers=settings.trusts_proxies,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # JSON logs: uvicorn's loggers propagate to the root handler instead of their own.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         # Frames up to 4x the protocol limit reach the gateway and get a clear error;

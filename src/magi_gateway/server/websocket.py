@@ -46,11 +46,11 @@ class WebSocketEndpoint:
         token = websocket.query_params.get("token", "")
         now = time.time()
         await websocket.accept()
-        if self.throttle.is_blocked(peer, now):
+        if self.throttle.is_blocked(peer, now, appid):
             await self._reject(websocket, frames.AUTH_THROTTLED, "throttled")
             return
         if not self.verifier.verify(appid, token, now):
-            self.throttle.record_failure(peer, now)
+            self.throttle.record_failure(peer, now, appid)
             await self._reject(websocket, frames.AUTH_FAILED, "bad_token")
             return
         if not self.gateway.accepting:
