@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from magi_gateway.agents import BenchAgent
+from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.server.gateway import Gateway
@@ -26,10 +27,12 @@ from ._delivery_helpers import (
     collect_until_complete,
     eventually,
     logged,
+    read_until_closed,
     record_of,
     stalled_connection,
+    wait_logged_complete,
 )
-from ._support import GatewayHandle, assert_well_formed, judge, recv, send
+from ._support import GatewayHandle, assert_well_formed, judge, judgement_message, recv, send
 
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -116,6 +119,28 @@ async def test_a_client_that_never_reads_stays_bounded_through_many_resumes(
         got = await collect_until_complete(ws, session_id, timeout=30)
         await assert_nothing_more(ws)
     assert got == log
+
+
+async def test_live_output_past_the_byte_bound_closes_a_client_that_does_not_read_1013(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, store: Store
+) -> None:
+    limited = settings.model_copy(update={"max_outbound_messages": 100_000, "max_outbound_bytes": MAX_BYTES})
+    handle = await start_gateway(limited)
+    gateway = handle.gateway
+    assert gateway is not None
+    await start_worker([BenchAgent(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)], settings=limited)
+    ws = await stalled_connection(handle)
+    async with ws:
+        connection = gateway._connections[(await recv(ws))["connection_id"]]
+        await send(ws, judgement_message(["bench"]))
+        session_id = (await recv(ws))["session_id"]
+        await wait_logged_complete(store, session_id, timeout=30)
+        # Far fewer frames than MAX_OUTBOUND_MESSAGES, but more bytes than MAX_OUTBOUND_BYTES.
+        assert connection.outbox.close_reason is not None
+        assert connection.outbox.close_reason[0] == CLOSE_TRY_AGAIN_LATER
+        in_flight, code = await read_until_closed(ws, CHUNKS + 10)
+    assert code == CLOSE_TRY_AGAIN_LATER
+    assert 0 < len(in_flight) < CHUNKS  # cut short; the client resumes with nothing lost
 
 
 async def test_a_client_resuming_twice_gets_each_message_once_in_order(
