@@ -12,4 +12,14 @@ app = create_app(settings)
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app, host=settings.host, port=settings.port, ws_max_size=4 * settings.max_frame_bytes)
+    from magi_gateway.server.http_protocol import http_protocol
+
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=4 * settings.max_frame_bytes,
+        http=http_protocol(settings),  # handshake timeout, 431 for oversized heads, MAX_CONNECTIONS
+        proxy_headers=settings.trusts_proxies,  # X-Forwarded-For from FORWARDED_ALLOW_IPS only
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -173,3 +174,18 @@ quick = make_quick("quick")
 def spawn_quiet_gateway(env: dict[str, str]) -> GatewayHandle:
     """``_support.spawn_gateway``, logging warnings only (its output goes to a pipe)."""
     return spawn_gateway(env, log_level="warning")
+
+
+async def stalled_connection(handle: GatewayHandle) -> websockets.ClientConnection:
+    """A connection that really stops reading: tiny receive buffer, no compression, one frame queued."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", handle.port))
+        return await websockets.connect(
+            handle.ws_url(), sock=sock, max_queue=1, compression=None, max_size=None
+        )
+    except BaseException:
+        sock.close()
+        raise

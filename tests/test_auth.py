@@ -213,6 +213,23 @@ def test_throttle_is_per_address() -> None:
     assert throttle.is_blocked("b", 3.0)
 
 
+def test_throttle_is_per_address_and_appid() -> None:
+    throttle = FailureThrottle(max_failures=2, window_s=60.0)
+    throttle.record_failure("a", 1.0, "app-a")
+    throttle.record_failure("a", 2.0, "app-a")
+    assert throttle.is_blocked("a", 3.0, "app-a")
+    # The same address for another tenant, and another address for the same tenant: free.
+    assert not throttle.is_blocked("a", 3.0, "app-b")
+    assert not throttle.is_blocked("b", 3.0, "app-a")
+
+
+def test_throttle_keys_keep_a_bounded_part_of_long_appids() -> None:
+    throttle = FailureThrottle(max_failures=1, window_s=60.0)
+    throttle.record_failure("a", 1.0, "x" * 100_000)
+    assert throttle.is_blocked("a", 2.0, "x" * 100_000)
+    assert all(len(appid) <= 128 for _address, appid in throttle._failures)
+
+
 def test_throttle_evicts_oldest_addresses_beyond_max() -> None:
     throttle = FailureThrottle(max_failures=1, window_s=60.0, max_addresses=3)
     for i, address in enumerate(["a", "b", "c"]):

@@ -115,6 +115,42 @@ def test_outbox_low_water_mark() -> None:
     assert outbox.below_low_water
 
 
+def test_outbox_is_bounded_in_bytes_too() -> None:
+    outbox = Outbox(max_messages=100, max_bytes=10)
+    assert outbox.push(b"12345")
+    assert outbox.push(b"1234")
+    assert outbox.queued_bytes == 9
+    assert outbox.has_room(1, 1)
+    assert not outbox.has_room(1, 2)
+    assert not outbox.below_low_water  # 9 of 10 bytes
+    assert outbox.pop() == b"12345"
+    assert outbox.queued_bytes == 4
+    assert outbox.below_low_water
+    assert outbox.push(b"123456")
+    assert outbox.push(b"x") is False  # 11 bytes: overflow, close 1013
+    assert outbox.close_reason is not None
+    assert outbox.close_reason[0] == CLOSE_TRY_AGAIN_LATER
+    assert outbox.queued_bytes == 0
+
+
+def test_an_empty_outbox_takes_one_frame_larger_than_its_byte_bound() -> None:
+    outbox = Outbox(max_messages=4, max_bytes=10)
+    assert outbox.has_room(1, 50)
+    assert outbox.push(b"x" * 50)
+    assert not outbox.has_room(1, 1)
+    assert outbox.take() == [b"x" * 50]
+    assert outbox.queued_bytes == 0
+
+
+def test_a_repeated_resume_only_moves_the_cursor_forward() -> None:
+    state = SessionDelivery(SessionId("s"), ConnectionId("c"), last_seq=4)
+    state.resumed(2)
+    assert state.last_seq == 4
+    state.resumed(7)
+    assert state.last_seq == 7
+    assert state.on_notification(8) is Action.SEND
+
+
 # -- notifications and frames ------------------------------------------------------------------
 
 

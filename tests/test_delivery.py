@@ -5,7 +5,6 @@ workers and a real Redis."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from ._delivery_helpers import (
     read_until_closed,
     record_of,
     scan_keys,
+    stalled_connection,
     wait_logged_complete,
 )
 from ._support import (
@@ -466,21 +466,6 @@ async def test_session_keys_are_gone_soon_after_a_short_retention(
 #: cannot absorb it all, so the gateway's own bounded buffer overflows.
 SLOW_CHUNKS = 500
 SLOW_CHUNK_BYTES = 16_000
-
-
-async def stalled_connection(handle: GatewayHandle) -> websockets.ClientConnection:
-    """A connection that really stops reading: tiny receive buffer, no compression, one frame queued."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.setblocking(False)
-    try:
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", handle.port))
-        return await websockets.connect(
-            handle.ws_url(), sock=sock, max_queue=1, compression=None, max_size=None
-        )
-    except BaseException:
-        sock.close()
-        raise
 
 
 async def stall_until_closed_1013(

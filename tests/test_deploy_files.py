@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import ipaddress
 import json
 import os
 import re
@@ -511,10 +512,19 @@ def test_nginx_proxies_websockets(compose: dict[str, Any], routes: set[str]) -> 
     )
     assert connection_map.block is not None
     assert _one(connection_map.block, "default").args == ["upgrade"]
-    # The gateways trust X-Forwarded-For from anyone (FORWARDED_ALLOW_IPS=*), so nginx must
-    # replace, not extend, what the client sent, or the auth-failure throttle is bypassed.
+    # The gateways trust X-Forwarded-For from nginx alone (its fixed address on the network
+    # it shares with them only), and nginx replaces, not extends, what the client sent, or
+    # the auth-failure throttle would be bypassed.
+    nginx = _services(compose)["nginx"]
+    (edge,) = nginx["networks"]
+    address = _interpolate(nginx["networks"][edge]["ipv4_address"])
+    subnet = _interpolate(compose["networks"][edge]["ipam"]["config"][0]["subnet"])
+    assert ipaddress.ip_address(address) in ipaddress.ip_network(subnet)
+    for name, spec in _services(compose).items():
+        networks = spec.get("networks", [])
+        assert (edge in networks) == (name == "nginx" or name in _gateway_services(compose)), name
     for spec in _gateway_services(compose).values():
-        assert spec["environment"]["FORWARDED_ALLOW_IPS"] == "*"
+        assert _environment(spec)["FORWARDED_ALLOW_IPS"] == address
     assert headers["x-forwarded-for"] == "$remote_addr"
     assert headers["host"] == "$host"
     ping_interval = inspect.signature(uvicorn.Config).parameters["ws_ping_interval"].default
@@ -768,8 +778,11 @@ def test_k8s_environment_is_real_settings(
         assert "REDIS_PASSWORD" in env
         if _role(container) == "serve":
             assert "FIXED_SECRET" in env or "APP_SECRETS" in env
-            # The gateways trust X-Forwarded-For from the ingress controller.
+            # The gateways trust X-Forwarded-For from the ingress controller: in-cluster
+            # peers, never anyone.
             assert env["FORWARDED_ALLOW_IPS"]
+            trusted = [ipaddress.ip_network(n.strip()) for n in env["FORWARDED_ALLOW_IPS"].split(",")]
+            assert all(network.is_private for network in trusted), trusted
     assert set(_named(objects, "Secret", "magi-secrets")["stringData"]) <= KNOWN_ENV
 
 

@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     token_skew_minutes: int = Field(1, ge=0, le=10)
     #: ``*`` or a comma-separated list of origins, for CORS and the WebSocket Origin check.
     cors_origins: str = "*"
+    #: Proxies whose ``X-Forwarded-For``/``-Proto`` are trusted: comma-separated addresses or
+    #: networks (``10.0.0.0/8``), ``*`` for any; empty (the default): none, the peer's own
+    #: address is the client's (for the auth-failure throttle, logs). uvicorn's variable name.
+    forwarded_allow_ips: str = ""
 
     judgement_timeout_s: float = Field(60.0, gt=0)
     session_retention_s: int = Field(600, ge=1)
@@ -64,10 +68,20 @@ class Settings(BaseSettings):
     message_burst: int = Field(40, ge=1)
     #: Open connections per appid on one gateway instance.
     max_connections_per_app: int = Field(1000, ge=1)
-    #: Failed authentications per address per minute before it is refused for a while.
+    #: Open connections (HTTP and WebSocket) per gateway instance; above it a request, or a
+    #: WebSocket upgrade, is answered 503 and the connection closed (``/healthz`` exempt).
+    max_connections: int = Field(16384, ge=1)
+    #: A connection that has not sent complete request headers (for ``/ws``: the upgrade)
+    #: this long after it opened, or after its previous request, is closed.
+    handshake_timeout_s: float = Field(10.0, gt=0)
+    #: Failed authentications per (client address, appid) per minute before that address is
+    #: refused for that appid for a while (other appids from it are not).
     max_auth_failures_per_min: int = Field(10, ge=1)
     #: Messages queued for one slow client before it is closed with 1013.
     max_outbound_messages: int = Field(1024, ge=1)
+    #: Bytes queued for one slow client before it is closed with 1013 (one larger frame
+    #: still fits into an empty buffer); replays wait for room instead.
+    max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     #: Requests kept per agent stream (approximate trim, a backstop, not a queue policy).
     request_stream_maxlen: int = Field(100_000, ge=100)
 
@@ -116,6 +130,11 @@ class Settings(BaseSettings):
     def cors_origin_list(self) -> list[str]:
         """``CORS_ORIGINS`` split on commas, blanks removed."""
         return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def trusts_proxies(self) -> bool:
+        """Whether any proxy's forwarding headers are trusted (``FORWARDED_ALLOW_IPS`` set)."""
+        return bool(self.forwarded_allow_ips.strip())
 
     @property
     def legacy_agent_list(self) -> list[str]:

@@ -84,6 +84,7 @@ def run_idle(
         gateway, port = h.start_gateway(
             "idle-gateway",
             max_connections_per_app=connections + 100,
+            max_connections=connections + 100,
             max_messages_per_s=1_000_000,
             message_burst=1_000_000,
         )

@@ -220,6 +220,7 @@ def _run_product(h: Harness, point: RelayPoint, label: str, concurrency: int) ->
             message_burst=1_000_000,
             max_connections_per_app=max(1000, 2 * point.clients),
             max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
+            max_outbound_bytes=max(4 << 20, 4 * (point.chunks + _EXTRA_FRAMES) * (point.chunk_bytes + 256)),
         )
         return child, f"ws://127.0.0.1:{port}/ws"
 

@@ -15,6 +15,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from magi_gateway.server.gateway import Gateway
+from magi_gateway.server.http_protocol import http_protocol
 from magi_gateway.server.ws_protocol import fast_websocket_class
 from magi_gateway.settings import Settings
 
@@ -44,6 +45,11 @@ def uvicorn_config(asgi: Starlette, settings: Settings, host: str, port: int, le
         log_level=level,
         lifespan="on",
         ws=ws,
+        # Handshake timeout, bounded request heads (431), MAX_CONNECTIONS (503).
+        http=http_protocol(settings),
+        # X-Forwarded-For only from the proxies named (uvicorn would trust loopback by default).
+        proxy_headers=settings.trusts_proxies,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # JSON logs: uvicorn's loggers propagate to the root handler instead of their own.
         log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
         # Frames up to 4x the protocol limit reach the gateway and get a clear error;

@@ -62,13 +62,19 @@ class TokenVerifier:
         return valid
 
 
-class FailureThrottle:
-    """Counts authentication failures per client address in a sliding window.
+#: Characters of an appid kept in a throttle key (appids are client input of any length).
+_KEY_APPID_CHARS = 128
 
-    After ``max_failures`` failures within ``window_s`` seconds an address is
-    refused until its oldest failure leaves the window. At most ``max_addresses``
-    addresses are tracked; past that the least recently failing one is forgotten
-    (overflow policy: evict oldest).
+
+class FailureThrottle:
+    """Counts authentication failures per (client address, appid) in a sliding window.
+
+    After ``max_failures`` failures within ``window_s`` seconds an address is refused
+    for that appid until its oldest failure leaves the window; the address can still
+    authenticate for other appids, so one tenant's failures (or an attacker's, made in a
+    tenant's name) never lock another tenant out of a shared address (a NAT, a proxy).
+    At most ``max_addresses`` (address, appid) pairs are tracked; past that the least
+    recently failing one is forgotten (overflow policy: evict oldest).
     """
 
     def __init__(
@@ -77,30 +83,31 @@ class FailureThrottle:
         self.max_failures = max_failures
         self.window_s = window_s
         self.max_addresses = max_addresses
-        self._failures: OrderedDict[str, list[float]] = OrderedDict()
+        self._failures: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
 
-    def _recent(self, address: str, now: float) -> list[float]:
-        times = self._failures.get(address)
+    def _recent(self, key: tuple[str, str], now: float) -> list[float]:
+        times = self._failures.get(key)
         if not times:
             return []
         cutoff = now - self.window_s
         while times and times[0] <= cutoff:
             times.pop(0)
         if not times:
-            del self._failures[address]
+            del self._failures[key]
         return times
 
-    def is_blocked(self, address: str, now: float) -> bool:
-        """Whether ``address`` has failed too often recently."""
-        return len(self._recent(address, now)) >= self.max_failures
+    def is_blocked(self, address: str, now: float, appid: str = "") -> bool:
+        """Whether ``address`` has failed too often recently (for ``appid``)."""
+        return len(self._recent((address, appid[:_KEY_APPID_CHARS]), now)) >= self.max_failures
 
-    def record_failure(self, address: str, now: float) -> None:
-        """Remember one failure of ``address``."""
-        times = self._recent(address, now)
+    def record_failure(self, address: str, now: float, appid: str = "") -> None:
+        """Remember one failure of ``address`` (for ``appid``)."""
+        key = (address, appid[:_KEY_APPID_CHARS])
+        times = self._recent(key, now)
         if not times:
-            self._failures[address] = times
+            self._failures[key] = times
         times.append(now)
         del times[: -self.max_failures]
-        self._failures.move_to_end(address)
+        self._failures.move_to_end(key)
         while len(self._failures) > self.max_addresses:
             self._failures.popitem(last=False)

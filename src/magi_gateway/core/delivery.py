@@ -11,7 +11,9 @@ so that the client gets every message once and in order:
 - ``next_page()`` → the first seq the replay reads next;
 - ``page_read(count, page)`` → whether the replay has caught up and hands over to
   live delivery (nothing arrived while it read);
-- ``sent(seq)`` after each frame handed to the client.
+- ``sent(seq)`` after each frame handed to the client;
+- ``resumed(last_seq)`` when the client resumes the session again on the same
+  connection: the delivery carries on (no second one starts), its cursor moved forward.
 
 The driver (``server.delivery``) owns the I/O: reading pages, waiting for room in
 the connection's outbox, and pushing frames.
@@ -98,6 +100,15 @@ class SessionDelivery:
             self._replaying = False
             return True
         return False
+
+    def resumed(self, last_seq: int) -> None:
+        """The client resumed this delivery again, having seen up to ``last_seq``.
+
+        It replaces the earlier resume rather than adding a second delivery: what was
+        handed to the client stays handed (it arrives, in order, on this connection), so
+        the cursor only moves forward.
+        """
+        self.cursor.sent(last_seq)
 
     def replay_ended(self) -> None:
         """The replay stopped early (connection gone, session moved): no replay runs now."""

@@ -5,7 +5,7 @@ and register the connection; a ``Refusal`` says what to send and how to close. T
 order is the protocol's (DESIGN.md §2):
 
 1. a browser ``Origin`` outside ``CORS_ORIGINS`` → refused before the upgrade (HTTP 403);
-2. an address (and appid) that failed too often → ``auth_throttled``, close 4001;
+2. an (address, appid) pair that failed too often → ``auth_throttled``, close 4001;
 3. a bad appid/token → ``auth_failed``, close 4001 (and the failure is counted);
 4. an instance shutting down → close 1012;
 5. an appid with ``MAX_CONNECTIONS_PER_APP`` connections here → ``too_many_connections``, 1013.
@@ -70,10 +70,10 @@ class Admission:
         self, peer: str, appid: str, token: str, now: float, *, accepting: bool, at_capacity: bool
     ) -> Refusal | None:
         """Steps 2-5, after the upgrade (``now``: UNIX seconds)."""
-        if self.throttle.is_blocked(peer, now):
+        if self.throttle.is_blocked(peer, now, appid):
             return THROTTLED
         if not self.verifier.verify(appid, token, now):
-            self.throttle.record_failure(peer, now)
+            self.throttle.record_failure(peer, now, appid)
             return BAD_TOKEN
         if not accepting:
             return RESTARTING

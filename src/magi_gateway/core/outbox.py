@@ -1,10 +1,13 @@
 """A connection's outbound buffer, sans-I/O: bounded, with a named overflow policy.
 
-The buffer holds at most ``max_messages`` frames. Overflow policy: **close 1013** —
-when a client reads slower than its sessions produce, the connection is closed with
-"try again later" instead of growing memory; every session message is in the
-session's log, so the client resumes without loss. The driver (``server.outbox``)
-writes what ``take`` hands it and wakes whoever waits for room.
+The buffer holds at most ``max_messages`` frames and ``max_bytes`` bytes of them (one
+frame larger than ``max_bytes`` still fits into an empty buffer, so no single message
+can wedge a session). Overflow policy: **close 1013** — when a client reads slower
+than its sessions produce, the connection is closed with "try again later" instead of
+growing memory; every session message is in the session's log, so the client resumes
+without loss. Replays do not overflow it: they wait for room (``has_room``) first.
+The driver (``server.outbox``) writes what ``pop`` hands it and wakes whoever waits
+for room.
 """
 
 from __future__ import annotations
@@ -13,21 +16,31 @@ from collections import deque
 
 from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER
 
-__all__ = ["Outbox"]
+__all__ = ["DEFAULT_MAX_BYTES", "Outbox"]
+
+#: The byte bound of a buffer built without one (``MAX_OUTBOUND_BYTES``'s default).
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 
 
 class Outbox:
     """Frames queued for one client, and whether (and how) it is to be closed."""
 
-    __slots__ = ("_close", "_frames", "max_messages")
+    __slots__ = ("_bytes", "_close", "_frames", "max_bytes", "max_messages")
 
-    def __init__(self, max_messages: int) -> None:
+    def __init__(self, max_messages: int, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.max_messages = max_messages
+        self.max_bytes = max_bytes
         self._frames: deque[bytes] = deque()
+        self._bytes = 0
         self._close: tuple[int, str] | None = None
 
     def __len__(self) -> int:
         return len(self._frames)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued (the frames' lengths added up)."""
+        return self._bytes
 
     @property
     def closing(self) -> bool:
@@ -39,14 +52,20 @@ class Outbox:
         """The close code and reason requested, if any."""
         return self._close
 
+    def _fits(self, count: int, size: int) -> bool:
+        if not self._frames:  # an empty buffer takes one frame of any size
+            return count <= max(self.max_messages, 1)
+        return len(self._frames) + count <= self.max_messages and self._bytes + size <= self.max_bytes
+
     def push(self, frame: bytes) -> bool:
         """Queue ``frame``; on overflow request a 1013 close and return False."""
         if self._close is not None:
             return False
-        if len(self._frames) >= self.max_messages:
+        if not self._fits(1, len(frame)):
             self.request_close(CLOSE_TRY_AGAIN_LATER, "Client too slow, resume later")
             return False
         self._frames.append(frame)
+        self._bytes += len(frame)
         return True
 
     def request_close(self, code: int, reason: str, *, flush: bool = False) -> bool:
@@ -59,23 +78,30 @@ class Outbox:
         self._close = (code, reason)
         if not flush:
             self._frames.clear()
+            self._bytes = 0
         return True
 
     def take(self) -> list[bytes]:
         """Every queued frame, oldest first, removed from the buffer (for one write)."""
         frames = list(self._frames)
         self._frames.clear()
+        self._bytes = 0
         return frames
 
     def pop(self) -> bytes | None:
         """The oldest queued frame, or None."""
-        return self._frames.popleft() if self._frames else None
+        if not self._frames:
+            return None
+        frame = self._frames.popleft()
+        self._bytes -= len(frame)
+        return frame
 
-    def has_room(self, count: int) -> bool:
-        """Whether ``count`` more frames fit (False once closing, so waiters stop waiting)."""
-        return self._close is not None or len(self._frames) + count <= self.max_messages
+    def has_room(self, count: int, size: int = 0) -> bool:
+        """Whether ``count`` more frames of ``size`` bytes in all fit (True once closing,
+        so waiters stop waiting)."""
+        return self._close is not None or self._fits(count, size)
 
     @property
     def below_low_water(self) -> bool:
-        """At most half full: a good moment to wake a replay waiting for room."""
-        return len(self._frames) <= self.max_messages // 2
+        """At most half full, in frames and in bytes: a good moment to wake a replay."""
+        return len(self._frames) <= self.max_messages // 2 and self._bytes <= self.max_bytes // 2

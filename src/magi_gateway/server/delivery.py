@@ -4,8 +4,10 @@
 Live notifications are handled synchronously (``deliver`` never awaits, so one slow
 session cannot stall the listener that serves every session). When the core says
 ``REPLAY`` (a notification skipped ahead) or a connection attaches with a
-``last_seq``, a replay task reads the log in pages of half the connection's buffer,
-waiting for room between pages; notifications arriving meanwhile are left to it.
+``last_seq``, a replay task reads the log in pages of at most half the connection's
+buffer (in frames, and about half its bytes), waiting for room between pages and before
+a frame that does not fit; notifications arriving meanwhile are left to it. A repeated
+``resume`` on the same connection keeps the one delivery running (``attach``).
 Which sessions a connection watches is derived from this index, never kept twice.
 """
 
@@ -35,6 +37,9 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 _STREAM = b"agent_judgement_stream"
 _FINAL = b"agent_judgement_final"
 _COMPLETE = b"agent_judgement_complete"
+#: Entries of a replay's first page; later pages grow to half the connection's buffer,
+#: or to what fits in half its byte bound.
+_FIRST_PAGE = 64
 
 
 class LocalSession:
@@ -131,6 +136,21 @@ class Delivery:
                 self.replay(session)
                 return  # the replay reads the rest of this batch from the log
 
+    def attach(self, session_id: SessionId, connection: Connection, last_seq: int) -> None:
+        """Deliver ``session_id`` to ``connection``: replay after ``last_seq``, then live.
+
+        A session being delivered to this connection already keeps its one delivery: a
+        repeated ``resume`` replaces the earlier one instead of queueing the log again
+        (what was handed over stays handed, so the client gets every message after
+        ``last_seq`` once, in order). Once the complete was handed, the delivery is over
+        and a new ``resume`` replays again.
+        """
+        current = self.sessions.get(session_id)
+        if current is not None and current.connection is connection:
+            current.state.resumed(last_seq)
+            return
+        self.replay(self.track(session_id, connection, last_seq))
+
     def replay(self, session: LocalSession) -> None:
         """Start reading the log from the session's cursor, unless a replay runs already."""
         if session.state.start_replay():
@@ -141,22 +161,41 @@ class Delivery:
         for session in list(self.sessions.values()):
             self.replay(session)
 
+    def _current(self, session: LocalSession) -> bool:
+        """Whether ``session`` is still what this instance delivers to an open connection."""
+        return self.sessions.get(session.id) is session and not session.connection.closing
+
     async def _replay(self, session: LocalSession) -> None:
         connection, state = session.connection, session.state
         page = max(connection.max_messages // 2, 1)
+        half_bytes = max(connection.max_bytes // 2, 1)
+        count = min(page, _FIRST_PAGE)
         backoff = self._backoff()
         try:
-            while self.sessions.get(session.id) is session and not connection.closing:
-                await connection.wait_for_room(page)
+            while self._current(session):
+                # Half the buffer free (frames and bytes) before a page is read.
+                await connection.wait_for_room(count, half_bytes)
+                if not self._current(session):
+                    return
                 first = state.next_page()
                 try:
-                    entries = await self.store.read_log(session.id, first, count=page)
+                    entries = await self.store.read_log(session.id, first, count=count)
                 except BackendUnavailable as exc:
                     await asyncio.sleep(backoff.failed(logger, f"replay of {session.id}", exc))
                     continue
+                size = 0
                 for seq, kind, frame in entries:
-                    self.push(session, seq, kind, frame)
-                if state.page_read(len(entries), page):
+                    if not connection.outbox.has_room(1, len(frame)):
+                        # Large frames: the page goes out as the client reads, not at once.
+                        await connection.wait_for_room(1, len(frame))
+                    if not self._current(session):
+                        return
+                    if seq > state.last_seq:  # a repeated resume may have moved the cursor on
+                        self.push(session, seq, kind, frame)
+                    size += len(frame)
+                if state.page_read(len(entries), count):
                     return  # caught up; no await between this check and the hand-over
+                # Pages of about half the byte bound: what a replay holds stays bounded too.
+                count = max(1, min(page, half_bytes * len(entries) // max(size, 1)))
         finally:
             state.replay_ended()

@@ -167,6 +167,7 @@ class Gateway:
             appid,
             max_messages=self.settings.max_outbound_messages,
             limits=self.limits,
+            max_bytes=self.settings.max_outbound_bytes,
             peer=peer,
             rate_limit=TokenBucket(
                 self.settings.max_messages_per_s, self.settings.message_burst, time.monotonic()

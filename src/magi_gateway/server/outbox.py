@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from magi_gateway.core.connection import ClientProtocol, Received
 from magi_gateway.core.ids import AppId, ConnectionId
-from magi_gateway.core.outbox import Outbox
+from magi_gateway.core.outbox import DEFAULT_MAX_BYTES, Outbox
 from magi_gateway.core.protocol import Limits
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.server import metrics
@@ -45,13 +45,14 @@ class Connection:
         appid: AppId,
         *,
         max_messages: int,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         limits: Limits | None = None,
         peer: str = "",
         rate_limit: TokenBucket | None = None,
     ) -> None:
         self.client = ClientProtocol(connection_id, appid, limits or Limits(), rate_limit)
         self.peer = peer
-        self.outbox = Outbox(max_messages)
+        self.outbox = Outbox(max_messages, max_bytes)
         #: Client frames waiting for their turn, in order: commands (at most one runs
         #: at a time) and the answers of frames that came after them.
         self.commands: deque[Received] = deque()
@@ -75,6 +76,11 @@ class Connection:
     def max_messages(self) -> int:
         """Frames the outbox holds before the connection is closed with 1013."""
         return self.outbox.max_messages
+
+    @property
+    def max_bytes(self) -> int:
+        """Bytes the outbox holds before the connection is closed with 1013."""
+        return self.outbox.max_bytes
 
     @property
     def closing(self) -> bool:
@@ -127,9 +133,10 @@ class Connection:
         self._wake_writer()
         self.drained()
 
-    async def wait_for_room(self, count: int) -> None:
-        """Wait until ``count`` more frames fit in the buffer (or the connection closes)."""
-        while not self.outbox.has_room(count):
+    async def wait_for_room(self, count: int, size: int = 0) -> None:
+        """Wait until ``count`` more frames of ``size`` bytes fit in the buffer (or the
+        connection closes)."""
+        while not self.outbox.has_room(count, size):
             if self._room is None:
                 self._room = asyncio.Event()
             self._room.clear()

@@ -104,8 +104,9 @@ class SessionOps:
         if info.owner != self.instance_id and not info.completed:
             await self.store.set_owner(session_id, self.instance_id)
         # The replay runs as a task, paced by the connection's buffer, and hands over to
-        # live delivery once it has caught up with the log.
-        self.delivery.replay(self.delivery.track(session_id, connection, last_seq))
+        # live delivery once it has caught up with the log; a session this connection
+        # receives already is not delivered twice.
+        self.delivery.attach(session_id, connection, last_seq)
 
     async def resume(self, connection: Connection, message: protocol.Resume) -> None:
         """``resume``: attach, counting the outcome."""
