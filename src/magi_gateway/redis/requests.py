@@ -134,11 +134,22 @@ class RequestQueue:
 
     async def ack(self, request: Request) -> None:
         """Acknowledge and delete ``request``: it is done, nobody needs it again."""
-        stream = self.keys.requests(request.agent_id)
+        await self.finish([request])
+
+    async def finish(self, requests: Iterable[Request], completed: Iterable[SessionId] = ()) -> None:
+        """Acknowledge and delete ``requests``, and take the ``completed`` sessions out of
+        the deadline sweep, in one round trip (all these keys share the ``{P}`` slot)."""
+        by_stream: dict[str, list[bytes]] = {}
+        for request in requests:
+            by_stream.setdefault(self.keys.requests(request.agent_id), []).append(request.message_id)
+        sessions = list(completed)
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xack(stream, WORKER_GROUP, request.message_id)
-                pipe.xdel(stream, request.message_id)
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, WORKER_GROUP, *ids)
+                    pipe.xdel(stream, *ids)
+                if sessions:
+                    pipe.zrem(self.keys.deadlines, *sessions)
                 await pipe.execute()
 
     async def watch_cancels(

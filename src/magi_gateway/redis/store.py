@@ -251,8 +251,15 @@ class Store:
         agent_id: AgentId,
         result_code: ResultCode,
         data: dict[str, Any],
+        *,
+        clear_deadline: bool = True,
     ) -> AppendResult:
-        """Append the agent's final unless it has one; complete the session after the last."""
+        """Append the agent's final unless it has one; complete the session after the last.
+
+        ``clear_deadline=False`` leaves taking a session this call completed out of the
+        deadline sweep to the caller (``AppendResult.completed``; workers batch it with
+        their acks); the sweep does it anyway once the deadline passes.
+        """
         summary: dict[str, Any] = {"result_code": int(result_code)}
         decision = normalize_decision(data.get("decision"))
         if decision is not None:
@@ -274,7 +281,7 @@ class Store:
             return AppendResult(None)
         if reply[1] != 0:
             return AppendResult(reply[0])
-        completed = await self._complete(session_id, orjson.loads(reply[2]), reply[3])
+        completed = await self._complete(session_id, orjson.loads(reply[2]), reply[3], clear_deadline)
         return AppendResult(reply[0], completed=completed)
 
     async def complete_if_done(self, session_id: SessionId) -> bool:
@@ -297,7 +304,9 @@ class Store:
         flat = [part for item in results.items() for part in item]
         return await self._complete(session_id, orjson.loads(agents), flat)
 
-    async def _complete(self, session_id: SessionId, agents: list[str], flat: list[bytes]) -> bool:
+    async def _complete(
+        self, session_id: SessionId, agents: list[str], flat: list[bytes], clear_deadline: bool = True
+    ) -> bool:
         """Write ``agent_judgement_complete`` (once: the script refuses a second)."""
         by_agent = {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
         results = {a: by_agent[a] for a in agents if a in by_agent}
@@ -308,7 +317,7 @@ class Store:
             "agent_judgement_complete",
             frames.complete_tail(verdict, results),
         )
-        if done[0] > 0:
+        if done[0] > 0 and clear_deadline:
             await self.clear_deadline(session_id)
         return bool(done[0] > 0)
 

@@ -39,6 +39,7 @@ from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.requests import Request, RequestQueue
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
+from magi_gateway.worker._finisher import RequestFinisher
 from magi_gateway.worker.appender import ChunkAppender, ChunkStream
 from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
 
@@ -86,6 +87,7 @@ class Worker:
         self.store = Store(self.redis, self.keys)
         self.queue = RequestQueue(self.redis, self.keys, list(self.agents), self.worker_id)
         self.appender = ChunkAppender(self.store, Backoff.for_settings(self.settings))
+        self.finisher = RequestFinisher(self.queue)
         self.claim_idle_ms = int(self.settings.worker_claim_idle_s * 1000)
         self._jobs: dict[bytes, _Job] = {}
         self._slot_freed = asyncio.Event()
@@ -115,6 +117,7 @@ class Worker:
             await self._drain()
             await cancel_and_wait(helpers)
             await self.appender.aclose()
+            await self.finisher.aclose()
             await _close_agents(ready)
             try:
                 await self.store.liveness.retire_worker(self.worker_id, list(self.agents))
@@ -190,12 +193,12 @@ class Worker:
                     attempt,
                 )
                 if attempt > self.settings.worker_max_deliveries:
-                    await self._write_final(
+                    completed = await self._write_final(
                         request,
                         ResultCode.WORKER_LOST,
                         {"error": f"Worker lost; gave up after {attempt - 1} attempts"},
                     )
-                    await self._ack(request)
+                    await self._ack(request, completed=completed)
                 else:
                     taken.append((request, attempt))
         return taken
@@ -273,18 +276,19 @@ class Worker:
 
     async def _serve(self, request: Request, ctx: Context, stream: ChunkStream) -> None:
         try:
-            if await self._judge(request, ctx, stream):
-                await self._ack(request)
+            completed = await self._judge(request, ctx, stream)
         finally:
             stream.close()
+        await self._ack(request, completed=completed)
 
     async def _judge(self, request: Request, ctx: Context, stream: ChunkStream) -> bool:
-        """Run the agent and write its final; True when the request is done (to acknowledge)."""
+        """Run the agent and write its final (unless the session has it); True when that
+        final completed the session. Raises when the request must stay for a takeover."""
         session_id_var.set(request.session_id)  # this job's task only, for its logs
         agent = self.agents[request.agent_id]
         remaining_s = (request.deadline_ms - now_ms()) / 1000
         if remaining_s <= 0:
-            return True  # the gateway has given it a timeout final already
+            return False  # the gateway has given it a timeout final already
         code, data = ResultCode.OK, {}
         try:
             async with asyncio.timeout(remaining_s):
@@ -294,9 +298,9 @@ class Worker:
         except asyncio.CancelledError:
             if not ctx.cancelled:
                 raise  # shutdown: leave the request pending for another worker
-            return True  # the gateway wrote the cancelled finals
+            return False  # the gateway wrote the cancelled finals
         except (JudgementClosed, TimeoutError):
-            return True  # the session has this agent's final already
+            return False  # the session has this agent's final already
         except AgentError as exc:
             code, data = ResultCode.AGENT_ERROR, {"error": str(exc)}
         except Exception:
@@ -310,11 +314,11 @@ class Worker:
                 async with asyncio.timeout(max((request.deadline_ms - now_ms()) / 1000, 0)):
                     await stream.drain()
             except TimeoutError:
-                return True
-        await self._write_final(request, code, data)
-        return True
+                return False
+        return await self._write_final(request, code, data)
 
-    async def _write_final(self, request: Request, code: ResultCode, data: dict[str, Any]) -> None:
+    async def _write_final(self, request: Request, code: ResultCode, data: dict[str, Any]) -> bool:
+        """Write the final; True when it completed the session (its deadline is left to ``_ack``)."""
         # Checked before writing: a final that cannot be encoded would fail every delivery
         # of the request alike, and end as result_code 5 after paid retries.
         code, checked = checked_final(request.agent_id, code, data, self.settings.max_final_bytes)
@@ -324,19 +328,19 @@ class Worker:
         backoff = Backoff.for_settings(self.settings)
         for _attempt in range(_FINAL_RETRY_LIMIT):
             try:
-                await self.store.append_final(request.session_id, request.agent_id, code, data)
-                return
+                result = await self.store.append_final(
+                    request.session_id, request.agent_id, code, data, clear_deadline=False
+                )
+                return result.completed
             except BackendUnavailable as exc:
                 # Finals are deduplicated in Redis, so retrying cannot produce two.
                 await asyncio.sleep(backoff.failed(logger, "writing a final", exc))
         raise BackendUnavailable("could not write a final; request left for takeover")
 
-    async def _ack(self, request: Request) -> None:
-        """Acknowledge and delete the request: it is done, nobody needs it again."""
-        try:
-            await self.queue.ack(request)
-        except BackendUnavailable:
-            logger.warning("could not acknowledge %s", request.message_id)
+    async def _ack(self, request: Request, *, completed: bool = False) -> None:
+        """Acknowledge and delete the request: it is done, nobody needs it again. When its
+        final completed the session, that session leaves the deadline sweep too."""
+        await self.finisher.finish(request, completed=completed)
 
 
 async def _close_agents(agents: Sequence[Agent]) -> None:
