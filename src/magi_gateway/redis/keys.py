@@ -12,6 +12,8 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     {P}:a:AGENT:workers  zset     live worker ids, score = heartbeat expiry (ms)
     {P}:agents           zset     agents with a live worker, score = expiry (ms)
     {P}:deadlines        zset     session id -> deadline (ms), swept by every gateway
+    {P}:unqueued         hash     session id -> requests not yet queued (the intake mark)
+    {P}:unqueued:due     zset     session id -> when the repair sweep queues them (ms)
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
     P:cancel             channel  session ids whose agents workers must stop
     P:admin              channel  signed admin commands, for every gateway instance
@@ -119,6 +121,16 @@ class Keys:
     def deadlines(self) -> str:
         """Deadlines of running sessions, for the timeout sweep."""
         return f"{{{self.prefix}}}:deadlines"
+
+    @property
+    def unqueued(self) -> str:
+        """Requests of sessions being opened, until they are queued (``redis.intake``)."""
+        return f"{{{self.prefix}}}:unqueued"
+
+    @property
+    def unqueued_due(self) -> str:
+        """When the repair sweep queues a session's requests if nobody did."""
+        return f"{{{self.prefix}}}:unqueued:due"
 
     @property
     def cancel_channel(self) -> str:

@@ -30,6 +30,7 @@ from magi_gateway.core.notification import notify_prefix, probe_notification
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.idempotency import RequestIds
+from magi_gateway.redis.intake import Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
 
@@ -90,6 +91,8 @@ class Store:
         self.request_ids = RequestIds(redis, keys, retention_ms=self.retention_ms)
         self.max_session_messages = max_session_messages
         self.request_stream_maxlen = request_stream_maxlen
+        #: Queueing a new session's requests exactly once.
+        self.intake = Intake(redis, keys, request_stream_maxlen=request_stream_maxlen)
         self._append = redis.register_script(_APPEND_LUA)
         self._append_chunks = redis.register_script(_APPEND_CHUNKS_LUA)
 
@@ -103,11 +106,28 @@ class Store:
         agent_ids: Sequence[AgentId],
         deadline_ms: int,
         request_id: str | None,
+        *,
+        intake: PendingIntake | None = None,
     ) -> None:
-        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1)."""
+        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1).
+
+        The deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
+        written first, in the deployment's slot: a session that exists is always
+        swept at its deadline, and its requests are queued even if the caller fails
+        before ``intake.enqueue``.
+        """
         keys = self.keys.session(session_id)
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
         with redis_errors():
+            # The deadline set is one key for all sessions, so not in the transaction
+            # below (which stays on the session's hash slot).
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(self.keys.deadlines, {session_id: deadline_ms})
+                pipe.pexpire(self.keys.deadlines, ttl_ms, nx=True)
+                pipe.pexpire(self.keys.deadlines, ttl_ms, gt=True)
+                if intake is not None:
+                    self.intake.mark(pipe, intake, ttl_ms)
+                await pipe.execute()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
                     keys.meta,
@@ -125,13 +145,6 @@ class Store:
                 pipe.sadd(keys.pending, *agent_ids)
                 pipe.pexpire(keys.meta, ttl_ms)
                 pipe.pexpire(keys.pending, ttl_ms)
-                await pipe.execute()
-            # The deadline set is one key for all sessions, so not in the transaction
-            # above (which stays on the session's hash slot).
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.deadlines, {session_id: deadline_ms})
-                pipe.pexpire(self.keys.deadlines, ttl_ms, nx=True)
-                pipe.pexpire(self.keys.deadlines, ttl_ms, gt=True)
                 await pipe.execute()
         await self._run_append(
             session_id,
