@@ -56,6 +56,8 @@ class GatewayError(Exception):
             self.code = code
         #: The session the error is about, echoed in the error frame.
         self.session_id = session_id
+        #: The client's ``request_id`` of the message that failed, echoed in the error frame.
+        self.request_id: str | None = None
 
 
 class ProtocolError(GatewayError):

@@ -204,6 +204,7 @@ class Gateway:
         """Act on one client frame; every failure becomes an error frame, never a raise."""
         metrics.BYTES_IN.inc(len(frame.encode()) if isinstance(frame, str) else len(frame))
         kind = "invalid"
+        message: protocol.ClientMessage | None = None
         try:
             if connection.rate_limit is not None and not connection.rate_limit.allow(time.monotonic()):
                 kind = "rate_limited"
@@ -214,19 +215,23 @@ class Gateway:
             await self._dispatch(connection, message)
         except GatewayError as exc:
             metrics.CLIENT_ERRORS.labels(exc.code).inc()
+            if exc.request_id is None:
+                # Which of its messages failed, so a client can match the error to it.
+                exc.request_id = message.request_id if message else protocol.request_id_of(frame, self.limits)
             connection.push(frames.error_frame(exc), b"error")
         except Exception:
             logger.exception("unexpected error handling a frame on %s", connection.id)
             metrics.CLIENT_ERRORS.labels("internal_error").inc()
-            connection.push(frames.internal_error_frame(), b"error")
+            connection.push(frames.internal_error_frame(message.request_id if message else None), b"error")
         finally:
             metrics.MESSAGES_IN.labels(kind).inc()
 
     async def _dispatch(self, connection: Connection, message: protocol.ClientMessage) -> None:
         if isinstance(message, protocol.Ping):
-            connection.push(frames.PONG, b"pong")
+            connection.push(frames.pong(message.request_id), b"pong")
         elif isinstance(message, protocol.GetAgents):
-            connection.push(frames.agents_frame(await self.store.liveness.live_agents()), b"agents")
+            agents = await self.store.liveness.live_agents()
+            connection.push(frames.agents_frame(agents, message.request_id), b"agents")
         elif isinstance(message, protocol.JudgementRequest):
             await self.open_judgement(connection, message)
         else:
