@@ -19,6 +19,7 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     P:admin              channel  signed admin commands, for every gateway instance
     P:ready:INSTANCE     string   written by /readyz to prove Redis takes writes (5 s expiry)
     P:admin:reply:NONCE  channel  the instances' answers to one admin command
+    P:admin:nonce:NONCE  string   when an admin command was first seen (ms, Redis clock)
 
 The original system's lists, used by ``LegacyBridge`` (``L`` is ``LEGACY_LIST_PREFIX``,
 empty by default: the original backends know these names as they are, unprefixed)::
@@ -149,6 +150,10 @@ class Keys:
     def admin_reply_channel(self, nonce: str) -> str:
         """Where gateway instances answer the admin command ``nonce``."""
         return f"{self.prefix}:admin:reply:{nonce}"
+
+    def admin_nonce(self, nonce: str) -> str:
+        """When the admin command ``nonce`` was first seen by any instance (replay guard)."""
+        return f"{self.prefix}:admin:nonce:{nonce}"
 
     @property
     def gateway_channel_prefix(self) -> str:
