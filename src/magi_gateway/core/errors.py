@@ -10,6 +10,7 @@
      ├── SessionNotFound        unknown or expired session, or another app's
      ├── RateLimited            too many messages on one connection
      ├── BackendUnavailable     Redis unreachable; converted at the Redis boundary
+     ├── BackendCommandError    Redis refused a command (a bug or bad data): not retried
      └── AgentError             raised by an agent; its text becomes ``data.error``
 
 Every error a client can see has a stable machine ``code``; its ``str()`` is the
@@ -26,6 +27,7 @@ __all__ = [
     "CLOSE_TRY_AGAIN_LATER",
     "AgentError",
     "AuthenticationFailed",
+    "BackendCommandError",
     "BackendUnavailable",
     "FrameTooLarge",
     "GatewayError",
@@ -100,6 +102,16 @@ class BackendUnavailable(GatewayError):
     """Redis cannot be reached; the operation may be retried later."""
 
     code = "backend_unavailable"
+
+
+class BackendCommandError(GatewayError):
+    """Redis answered a command with an error that retrying cannot cure (wrong type, bad
+    argument, script error): surfaced as ``internal_error``, logged, never retried as an outage.
+
+    Its text is the generic one; the Redis error is its ``__cause__``, for the logs.
+    """
+
+    code = "internal_error"
 
 
 class AgentError(GatewayError):

@@ -18,8 +18,9 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from magi_gateway._util import Backoff
+from magi_gateway.core import frames
 from magi_gateway.core.delivery import Action, SessionDelivery
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.ids import ConnectionId, SessionId
 from magi_gateway.core.notification import Message
 from magi_gateway.redis.store import Store
@@ -154,6 +155,13 @@ class Delivery:
                 except BackendUnavailable as exc:
                     await asyncio.sleep(backoff.failed(logger, f"replay of {session.id}", exc))
                     continue
+                except BackendCommandError as exc:
+                    # Retrying cannot help: the client hears of it and may resume again.
+                    logger.error("replay of %s failed: %s", session.id, exc.__cause__)
+                    exc.session_id = session.id
+                    connection.push(frames.error_frame(exc), b"error")
+                    self.untrack(session)
+                    return
                 for seq, kind, frame in entries:
                     self.push(session, seq, kind, frame)
                 if state.page_read(len(entries), page):

@@ -31,6 +31,7 @@ from magi_gateway.core import frames, protocol
 from magi_gateway.core.admin import CommandChecker
 from magi_gateway.core.errors import (
     CLOSE_SERVICE_RESTART,
+    BackendCommandError,
     BackendUnavailable,
     GatewayError,
     RateLimited,
@@ -215,6 +216,8 @@ class Gateway:
             await self._dispatch(connection, message)
         except GatewayError as exc:
             metrics.CLIENT_ERRORS.labels(exc.code).inc()
+            if isinstance(exc, BackendCommandError):
+                logger.error("Redis refused a command for %s: %s", connection.id, exc.__cause__)
             if exc.request_id is None:
                 # Which of its messages failed, so a client can match the error to it.
                 exc.request_id = message.request_id if message else protocol.request_id_of(frame, self.limits)
