@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     message_burst: int = Field(40, ge=1)
     #: Open connections per appid on one gateway instance.
     max_connections_per_app: int = Field(1000, ge=1)
+    #: Running sessions per appid across every instance (over it: ``too_many_sessions``); 0: no limit.
+    max_sessions_per_app: int = Field(1000, ge=0)
+    #: Sessions an appid may open per second across every instance (over it: ``rate_limited``); 0: no limit.
+    max_sessions_per_s_per_app: float = Field(100.0, ge=0)
     #: Failed authentications per address per minute before it is refused for a while.
     max_auth_failures_per_min: int = Field(10, ge=1)
     #: Messages queued for one slow client before it is closed with 1013.

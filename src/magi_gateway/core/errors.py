@@ -8,7 +8,8 @@
      │    └── TooManyAgents
      ├── AuthenticationFailed   bad appid/token (close 4001)
      ├── SessionNotFound        unknown or expired session, or another app's
-     ├── RateLimited            too many messages on one connection
+     ├── RateLimited            too many messages on one connection, or sessions for one appid
+     ├── TooManySessions        an appid's quota of running sessions is used up
      ├── BackendUnavailable     Redis unreachable; converted at the Redis boundary
      ├── BackendCommandError    Redis refused a command (a bug or bad data): not retried
      └── AgentError             raised by an agent; its text becomes ``data.error``
@@ -35,6 +36,7 @@ __all__ = [
     "RateLimited",
     "SessionNotFound",
     "TooManyAgents",
+    "TooManySessions",
 ]
 
 #: WebSocket close code sent after an authentication failure.
@@ -96,6 +98,12 @@ class RateLimited(GatewayError):
     """The connection sends messages faster than ``max_messages_per_s``."""
 
     code = "rate_limited"
+
+
+class TooManySessions(GatewayError):
+    """The appid has ``max_sessions_per_app`` sessions running (across every instance)."""
+
+    code = "too_many_sessions"
 
 
 class BackendUnavailable(GatewayError):

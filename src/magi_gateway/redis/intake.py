@@ -5,7 +5,8 @@ agents' request streams (``{P}``), which no single script or transaction may spa
 Redis Cluster. So the gateway first writes an *intake mark* in the ``{P}`` slot (the
 requests to queue, with the session's deadline, in ``Keys.unqueued``, due for repair
 in ``Keys.unqueued_due``), then creates the session, then runs ``lua/enqueue.lua``,
-which removes the mark and adds the requests in one atomic step. Whoever removes the
+which removes the mark and adds the requests in one atomic step. The same first step counts
+the session against its appid's limits (``lua/admit.lua``). Whoever removes the
 mark queues the requests: the gateway that opened the session, or, if it failed or
 died between the steps, any instance's repair sweep (``repair``), once the mark is
 ``REPAIR_AFTER_MS`` old. Requests are therefore queued once, never zero times.
@@ -19,24 +20,35 @@ from importlib.resources import files
 from typing import Any
 
 import orjson
-from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline
 
 from magi_gateway._util import now_ms
+from magi_gateway.core.errors import RateLimited, TooManySessions
 from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS
 
-__all__ = ["REPAIR_AFTER_MS", "Intake", "PendingIntake"]
+__all__ = ["REPAIR_AFTER_MS", "AppLimits", "Intake", "PendingIntake"]
 
 _ENQUEUE_LUA = files("magi_gateway.redis").joinpath("lua/enqueue.lua").read_text(encoding="utf-8")
+_ADMIT_LUA = files("magi_gateway.redis").joinpath("lua/admit.lua").read_text(encoding="utf-8")
+_TOO_MANY, _TOO_FAST = -1, -2
 
 #: A mark this old is queued by the repair sweep (the opening gateway takes milliseconds;
 #: queueing early is harmless, the script queues once whoever runs it).
 REPAIR_AFTER_MS = 2000
 #: A mark whose session is still missing is looked at again this much later.
 _RETRY_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AppLimits:
+    """Per-appid limits on sessions, across every instance (0: none)."""
+
+    #: Sessions running at once (``MAX_SESSIONS_PER_APP``).
+    max_running: int = 0
+    #: Sessions opened per second (``MAX_SESSIONS_PER_S_PER_APP``), in one-second windows.
+    max_per_s: float = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +93,47 @@ class Intake:
         self.keys = keys
         self.request_stream_maxlen = request_stream_maxlen
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
+        self._admit = redis.register_script(_ADMIT_LUA)
 
-    def mark(self, pipe: Pipeline | ClusterPipeline, intake: PendingIntake, ttl_ms: int) -> None:
-        """Add to ``pipe`` the commands recording the requests to queue (before the session exists)."""
-        pipe.hset(self.keys.unqueued, intake.session_id, intake.encode())
-        pipe.zadd(self.keys.unqueued_due, {intake.session_id: now_ms() + REPAIR_AFTER_MS})
-        for key in (self.keys.unqueued, self.keys.unqueued_due):
-            pipe.pexpire(key, ttl_ms, nx=True)
-            pipe.pexpire(key, ttl_ms, gt=True)
+    async def admit(
+        self,
+        session_id: SessionId,
+        appid: AppId,
+        deadline_ms: int,
+        ttl_ms: int,
+        intake: PendingIntake | None,
+        limits: AppLimits,
+    ) -> None:
+        """Count the session against its appid's limits, record its deadline and ``intake``.
+
+        Raises ``TooManySessions`` or ``RateLimited`` (and records nothing) over a limit.
+        """
+        now = now_ms()
+        keys = [
+            self.keys.deadlines,
+            self.keys.app_running(appid),
+            self.keys.app_rate(appid),
+            self.keys.unqueued,
+            self.keys.unqueued_due,
+        ]
+        args: list[Any] = [
+            session_id,
+            deadline_ms,
+            ttl_ms,
+            limits.max_running,
+            limits.max_per_s,
+            now,
+            intake.encode() if intake is not None else b"",
+            now + REPAIR_AFTER_MS,
+        ]
+        with redis_errors():
+            admitted = int(await self._admit(keys=keys, args=args))
+        if admitted == _TOO_MANY:
+            raise TooManySessions(f"This appid has {limits.max_running} sessions running; try again later")
+        if admitted == _TOO_FAST:
+            raise RateLimited(
+                f"This appid opens more than {limits.max_per_s:g} sessions per second; slow down"
+            )
 
     async def enqueue(self, intake: PendingIntake) -> bool:
         """Queue the marked requests unless someone did; True when this call queued them."""

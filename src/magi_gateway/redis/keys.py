@@ -13,6 +13,8 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     {P}:agents           zset     agents with a live worker, score = expiry (ms)
     {P}:deadlines        zset     session id -> deadline (ms), swept by every gateway
     {P}:unqueued         hash     session id -> requests not yet queued (the intake mark)
+    {P}:app:LEN:APPID:running  zset  the appid's running sessions, score = deadline (ms)
+    {P}:app:LEN:APPID:rate     string  sessions the appid opened this second
     {P}:unqueued:due     zset     session id -> when the repair sweep queues them (ms)
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
     P:cancel             channel  session ids whose agents workers must stop
@@ -122,6 +124,14 @@ class Keys:
     def deadlines(self) -> str:
         """Deadlines of running sessions, for the timeout sweep."""
         return f"{{{self.prefix}}}:deadlines"
+
+    def app_running(self, appid: AppId) -> str:
+        """Running sessions of one appid, across every instance (its quota)."""
+        return f"{{{self.prefix}}}:app:{len(appid)}:{appid}:running"
+
+    def app_rate(self, appid: AppId) -> str:
+        """Sessions one appid opened in the current second (its creation rate)."""
+        return f"{{{self.prefix}}}:app:{len(appid)}:{appid}:rate"
 
     @property
     def unqueued(self) -> str:

@@ -40,6 +40,7 @@ from magi_gateway.core.ids import AppId, ConnectionId, InstanceId
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.logs import session_id_var
 from magi_gateway.redis.client import connect
+from magi_gateway.redis.intake import AppLimits
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.server import metrics
@@ -75,6 +76,7 @@ class Gateway:
             retention_s=settings.session_retention_s,
             max_session_messages=settings.max_session_messages,
             request_stream_maxlen=settings.request_stream_maxlen,
+            app_limits=AppLimits(settings.max_sessions_per_app, settings.max_sessions_per_s_per_app),
         )
         self.limits = protocol.Limits(
             max_frame_bytes=settings.max_frame_bytes,

@@ -16,7 +16,14 @@ import time
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import protocol
-from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError, SessionNotFound
+from magi_gateway.core.errors import (
+    BackendCommandError,
+    BackendUnavailable,
+    GatewayError,
+    RateLimited,
+    SessionNotFound,
+    TooManySessions,
+)
 from magi_gateway.core.ids import InstanceId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
 from magi_gateway.logs import session_id_var
@@ -78,7 +85,7 @@ class SessionOps:
                 request.request_id,
                 intake=intake,
             )
-        except (BackendUnavailable, BackendCommandError):
+        except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
             self.delivery.untrack(session)
             if request.request_id is not None:
                 with contextlib.suppress(BackendUnavailable):
