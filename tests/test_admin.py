@@ -12,14 +12,20 @@ import orjson
 import pytest
 import websockets
 
+from magi_gateway._util import now_ms
 from magi_gateway.cli.admin import send_command
 from magi_gateway.client import MagiClient
 from magi_gateway.core.admin import MAX_AGE_MS, AdminCommand, AdminError, CommandChecker, sign_command
 from magi_gateway.core.errors import CLOSE_ADMIN_DISCONNECT
+from magi_gateway.redis.admin import publish_and_collect
+from magi_gateway.redis.client import connect
+from magi_gateway.redis.keys import Keys
+from magi_gateway.server.admin import FANOUT_GRACE_MS
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
+from ._delivery_helpers import assert_nothing_more
 from ._support import APPID, GatewayHandle, judge, recv, send
 from ._support import SECRET as FIXED
 
@@ -255,3 +261,31 @@ async def test_magi_client_keeps_broadcasts_apart_from_replies(
         messages = [m async for m in client.judge("x", ["echo"])]
         assert messages[-1]["type"] == "agent_judgement_complete"
     assert list(client.broadcasts) == ["first", "second"]
+
+
+async def test_a_replayed_command_is_refused_by_an_instance_started_since(
+    admin_settings: Settings,
+    start_gateway: Callable[[Settings], Awaitable[GatewayHandle]],
+) -> None:
+    """The nonces are recorded in Redis: a restarted instance does not forget them (#12 item 11)."""
+    keys = Keys(admin_settings.redis_key_prefix)
+    nonce = "captured-nonce"
+    reply_to = keys.admin_reply_channel(nonce)
+    signed = sign_command(
+        AdminCommand("broadcast", now_ms(), nonce, reply_to, {"message": "once"}, keys.admin_channel), SECRET
+    )
+    redis = connect(admin_settings, client_name="test-admin")
+    try:
+        first = await start_gateway(admin_settings)
+        async with await first.connect() as ws:
+            answers = await publish_and_collect(redis, keys.admin_channel, signed, reply_to, 1.0)
+            assert len(answers) == 1
+            assert await recv(ws) == {"type": "broadcast", "message": "once"}
+        # A fresh instance on the same Redis, after the command's fan-out, inside its 30 s.
+        await asyncio.sleep((FANOUT_GRACE_MS + 500) / 1000)
+        fresh = await start_gateway(admin_settings)
+        async with await fresh.connect() as ws:
+            assert await publish_and_collect(redis, keys.admin_channel, signed, reply_to, 1.0) == []
+            await assert_nothing_more(ws)  # no broadcast queued before the pong
+    finally:
+        await redis.aclose()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -12,8 +12,11 @@ from redis.asyncio import Redis
 from magi_gateway.agents import demo_agents
 from magi_gateway.client import ConnectionLost, MagiClient
 from magi_gateway.core.errors import AuthenticationFailed, GatewayError
+from magi_gateway.core.ids import SessionId
+from magi_gateway.core.notification import Message
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
+from magi_gateway.server.delivery import Delivery
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
@@ -30,6 +33,8 @@ from ._support import (
     GatewayHandle,
     SessionRecord,
     assert_well_formed,
+    recv,
+    send,
     spawn_gateway,
     stop_process,
 )
@@ -118,6 +123,65 @@ async def test_two_concurrent_judgements_on_one_client(
     assert weapon.messages[0]["session_id"] != tea.messages[0]["session_id"]
     assert weapon.complete["data"]["verdict"] == "reject"
     assert tea.complete["data"]["verdict"] == "approve"
+
+
+class LateDelivery(Delivery):
+    """The gateway's delivery, with every live notification handed over 50 ms late."""
+
+    def __init__(self, delivery: Delivery) -> None:
+        self.__dict__.update(delivery.__dict__)  # the same state: one delivery, late
+
+    def deliver(self, session_id: SessionId, messages: Iterable[Message]) -> None:
+        late = list(messages)
+        asyncio.get_running_loop().call_later(0.05, super().deliver, session_id, late)
+
+
+async def test_concurrent_ping_agents_and_judgements_each_get_their_own_reply(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker
+) -> None:
+    """pong, agents and errors come back out of request order; each still finds its request."""
+    gateway = await start_gateway(
+        settings.model_copy(update={"max_messages_per_s": 1000, "message_burst": 1000})
+    )
+    assert gateway.gateway is not None
+    # Notifications (the accepted among them) come through Redis a little late, as under load.
+    gateway.gateway.listener.delivery = LateDelivery(gateway.gateway.delivery)
+    await start_worker(demo_agents(delay_s=0))
+
+    async def refused() -> str:
+        with pytest.raises(GatewayError) as caught:
+            await collect(client, WEAPON, ["not an agent id!"])
+        return str(caught.value.code)
+
+    async with client_for(gateway) as client:
+        for _ in range(10):
+            # Judgements sent first; their accepted comes through Redis, the others' replies
+            # straight from the gateway: out of request order.
+            calls: list[Awaitable[Any]] = []
+            for _ in range(4):
+                calls += [collect(client, WEAPON, ["melchior"]), client.ping(), client.agents(), refused()]
+            replies = await asyncio.gather(*calls)
+            for record, pong, agents, code in zip(*[iter(replies)] * 4, strict=True):
+                assert_well_formed(record, ["melchior"])
+                assert pong is None
+                assert sorted(a["agent_id"] for a in agents) == sorted(DEMO)
+                assert code == "invalid_field"
+
+
+async def test_replies_echo_the_request_id_of_the_message(gateway: GatewayHandle) -> None:
+    async with await gateway.connect() as ws:
+        await send(ws, {"type": "ping"})
+        assert await recv(ws) == {"type": "pong"}  # the documented frame, unchanged
+        await send(ws, {"type": "ping", "request_id": "p-1"})
+        assert await recv(ws) == {"type": "pong", "request_id": "p-1"}
+        await send(ws, {"type": "get_agents", "request_id": "a-1"})
+        assert await recv(ws) == {"type": "agents", "agents": [], "request_id": "a-1"}
+        await send(ws, {"type": "resume", "session_id": "nope", "last_seq": 0, "request_id": "r-1"})
+        error = await recv(ws)
+        assert (error["code"], error["request_id"]) == ("invalid_field", "r-1")
+        await send(ws, {"type": "nonsense", "request_id": "n-1"})
+        error = await recv(ws)
+        assert (error["code"], error["request_id"]) == ("unknown_type", "n-1")
 
 
 async def test_bad_secret_fails_connect_with_authentication_failed(gateway: GatewayHandle) -> None:

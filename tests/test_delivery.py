@@ -212,13 +212,13 @@ async def test_disconnect_while_the_gateway_still_starts_the_session_is_not_canc
     await start_worker([make_quick("first"), make_quick("second")], settings=fast)
     assert gateway.gateway is not None
     gateway_store = gateway.gateway.store
-    enqueue = gateway_store.enqueue_request
+    enqueue = gateway_store.intake.enqueue
 
-    async def slow_enqueue(*args: Any, **kwargs: Any) -> None:
+    async def slow_enqueue(*args: Any, **kwargs: Any) -> bool:
         await asyncio.sleep(0.3)  # a slow Redis round trip widens the window
-        await enqueue(*args, **kwargs)
+        return await enqueue(*args, **kwargs)
 
-    monkeypatch.setattr(gateway_store, "enqueue_request", slow_enqueue)
+    monkeypatch.setattr(gateway_store.intake, "enqueue", slow_enqueue)
     async with await gateway.connect() as ws:
         await send(ws, judgement_message(["first", "second"]))
         accepted = await recv(ws)

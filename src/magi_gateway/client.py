@@ -23,7 +23,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -53,6 +53,10 @@ class ConnectionLost(GatewayError):
     code = "connection_lost"
 
 
+#: The message a reply without request_id answers (errors: whichever is oldest).
+_ASKED_BY = {"pong": "ping", "agents": "get_agents", "agent_judgement_accepted": "agent_judgement"}
+
+
 class _Session:
     __slots__ = ("last_seq", "queue")
 
@@ -62,13 +66,19 @@ class _Session:
 
 
 class _Waiter:
-    """A request waiting for its one reply (judgements: the accepted message)."""
+    """A request waiting for its one reply (judgements: the accepted message).
 
-    __slots__ = ("future", "message", "request_id")
+    Replies are matched by the ``request_id`` the gateway echoes; a gateway that does
+    not echo it answers the oldest waiter expecting that kind of reply.
+    """
 
-    def __init__(self, message: dict[str, Any], request_id: str | None) -> None:
+    __slots__ = ("future", "message", "replayable", "request_id")
+
+    def __init__(self, message: dict[str, Any], request_id: str, *, replayable: bool) -> None:
         self.message = message
         self.request_id = request_id
+        #: Re-sent after a reconnect (judgements, idempotent by request_id); others fail.
+        self.replayable = replayable
         self.future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
 
@@ -206,9 +216,9 @@ class MagiClient:
         """Replies to ping/get_agents cannot be replayed: fail those waiters."""
         kept: deque[_Waiter] = deque()
         for waiter in self._waiters:
-            if waiter.request_id is None and not waiter.future.done():
+            if not waiter.replayable and not waiter.future.done():
                 waiter.future.set_exception(ConnectionLost("connection lost before the reply"))
-            elif waiter.request_id is not None:
+            elif waiter.replayable:
                 kept.append(waiter)
         self._waiters = kept
 
@@ -235,13 +245,18 @@ class MagiClient:
             self.broadcasts.append(str(message.get("message", "")))
             return  # not a reply to anything
         session_id = message.get("session_id")
+        request_id = message.get("request_id")
+        if request_id is not None and "seq" not in message:
+            # pong, agents, or an error about one of our messages: that message's reply.
+            waiter = self._take_waiter(lambda w: w.request_id == request_id)
+            if waiter is not None:
+                waiter.future.set_result(message)
+                return
         if message.get("type") == "agent_judgement_accepted":
-            for waiter in self._waiters:
-                if waiter.request_id is not None and waiter.request_id == message.get("request_id"):
-                    self._waiters.remove(waiter)
-                    self._sessions.setdefault(session_id, _Session())  # type: ignore[arg-type]
-                    waiter.future.set_result(message)
-                    break
+            waiter = self._take_waiter(lambda w: w.request_id == request_id)
+            if waiter is not None:
+                self._sessions.setdefault(session_id, _Session())  # type: ignore[arg-type]
+                waiter.future.set_result(message)
         if session_id in self._sessions:
             session = self._sessions[session_id]
             seq = message.get("seq")
@@ -253,14 +268,23 @@ class MagiClient:
                 session.last_seq = seq
                 await session.queue.put(message)
             return
-        # Replies in order: the oldest waiter's. An error naming a session we do not
-        # follow (e.g. a request_id whose session expired) is such a reply too.
+        # A gateway that echoes no request_id: the oldest waiter for this kind of reply.
+        # An error naming a session we do not follow is such a reply too.
         if session_id in self._cancelled:
             return  # the reply to a cancel (session_completed / session_not_found)
-        if (session_id is None or "error" in message) and self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.future.done():
+        if session_id is None or "error" in message:
+            asked = _ASKED_BY.get(str(message.get("type")))
+            waiter = self._take_waiter(lambda w: asked is None or w.message["type"] == asked)
+            if waiter is not None:
                 waiter.future.set_result(message)
+
+    def _take_waiter(self, matches: Callable[[_Waiter], bool]) -> _Waiter | None:
+        """Remove and return the oldest pending waiter that ``matches``."""
+        for waiter in self._waiters:
+            if not waiter.future.done() and matches(waiter):
+                self._waiters.remove(waiter)
+                return waiter
+        return None
 
     def _spawn_resume(self, session_id: str) -> None:
         task = asyncio.create_task(self._resume_later(session_id))
@@ -275,10 +299,11 @@ class MagiClient:
             with contextlib.suppress(websockets.ConnectionClosed):
                 await self._ws.send(orjson.dumps(resume).decode())
 
-    async def _request(self, message: dict[str, Any], request_id: str | None = None) -> dict[str, Any]:
+    async def _request(self, message: dict[str, Any], *, replayable: bool = False) -> dict[str, Any]:
         if self._failure is not None:
             raise self._failure
-        waiter = _Waiter(message, request_id)
+        request_id: str = message.setdefault("request_id", uuid.uuid4().hex)
+        waiter = _Waiter(message, request_id, replayable=replayable)
         self._waiters.append(waiter)
         if self._connected.is_set() and self._ws is not None:
             # If the send fails, the waiter is re-sent on reconnect or failed by _fail_replies.
@@ -318,7 +343,7 @@ class MagiClient:
         }
         for attempt in range(_JUDGE_ATTEMPTS):
             try:
-                accepted = await self._request(message, request_id)
+                accepted = await self._request(message, replayable=True)
                 break
             except GatewayError as exc:
                 # Redis unreachable behind the gateway: the same request_id is safe to retry.

@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     message_burst: int = Field(40, ge=1)
     #: Open connections per appid on one gateway instance.
     max_connections_per_app: int = Field(1000, ge=1)
+    #: Running sessions per appid across every instance (over it: ``too_many_sessions``); 0: no limit.
+    max_sessions_per_app: int = Field(1000, ge=0)
+    #: Sessions an appid may open per second across every instance (over it: ``rate_limited``); 0: no limit.
+    max_sessions_per_s_per_app: float = Field(100.0, ge=0)
     #: Open connections (HTTP and WebSocket) per gateway instance; above it a request, or a
     #: WebSocket upgrade, is answered 503 and the connection closed (``/healthz`` exempt).
     max_connections: int = Field(16384, ge=1)

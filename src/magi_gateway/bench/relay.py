@@ -219,6 +219,8 @@ def _run_product(h: Harness, point: RelayPoint, label: str, concurrency: int) ->
             max_messages_per_s=1_000_000,
             message_burst=1_000_000,
             max_connections_per_app=max(1000, 2 * point.clients),
+            max_sessions_per_app=0,
+            max_sessions_per_s_per_app=0,
             max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
             max_outbound_bytes=max(4 << 20, 4 * (point.chunks + _EXTRA_FRAMES) * (point.chunk_bytes + 256)),
         )

@@ -14,7 +14,10 @@ A gateway without ``ADMIN_SECRET`` ignores every command. A command is refused w
 its signature is wrong, when ``ts`` (ms) is more than ``MAX_AGE_MS`` from the
 gateway's clock, or when its nonce was seen already (a replay); seen nonces are
 kept in a bounded table (overflow policy: evict the oldest, which is older than
-``MAX_AGE_MS`` long before the table fills at any sane command rate).
+``MAX_AGE_MS`` long before the table fills at any sane command rate). That table
+forgets on restart: the gateway also records each nonce in Redis
+(``redis.admin.AdminNonces``) and refuses one first seen, by any instance, longer ago
+than a publication takes to reach them all.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ the client sent to ``ClientProtocol.receive`` with the time, and gets a ``Receiv
 back saying what to do —
 
 - ``reply``: a frame to send now, needing no I/O (``pong``, or the error for a frame
-  that was rate limited, malformed or over a limit);
+  that was rate limited, malformed or over a limit), echoing the message's
+  ``request_id`` when it had one;
 - ``command``: a message whose work needs Redis (``agent_judgement``, ``resume``,
   ``cancel``, ``get_agents``); the driver runs it and, should it fail, sends the
   frame ``failed`` builds.
@@ -65,13 +66,18 @@ class ClientProtocol:
     def receive(self, frame: str | bytes, now: float) -> Received:
         """Check and parse one client frame (``now``: monotonic seconds)."""
         if self.rate_limit is not None and not self.rate_limit.allow(now):
-            return _error("rate_limited", RateLimited("Too many messages; slow down"))
+            limited = RateLimited("Too many messages; slow down")
+            # Which of its messages was dropped, so that a client can match the error to it.
+            limited.request_id = protocol.request_id_of(frame, self.limits)
+            return _error("rate_limited", limited)
         try:
             message = protocol.parse_client_frame(frame, self.limits)
         except GatewayError as exc:
             return _error("invalid", exc)
         if isinstance(message, protocol.Ping):
-            return _PONG
+            if message.request_id is None:
+                return _PONG
+            return Received("ping", reply=frames.pong(message.request_id), reply_kind=b"pong")
         return Received(message.type, command=message)
 
     @staticmethod
@@ -83,13 +89,18 @@ class ClientProtocol:
         """
         if exc.session_id is None and isinstance(command, protocol.Resume | protocol.Cancel):
             exc.session_id = command.session_id
+        if exc.request_id is None:
+            exc.request_id = command.request_id
         return _error(command.type, exc)
 
     @staticmethod
     def crashed(command: protocol.ClientMessage) -> Received:
         """The error frame for a ``command`` whose work failed unexpectedly (a bug)."""
         return Received(
-            command.type, reply=frames.internal_error_frame(), reply_kind=b"error", error="internal_error"
+            command.type,
+            reply=frames.internal_error_frame(command.request_id),
+            reply_kind=b"error",
+            error="internal_error",
         )
 
 

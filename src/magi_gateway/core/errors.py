@@ -8,8 +8,10 @@
      │    └── TooManyAgents
      ├── AuthenticationFailed   bad appid/token (close 4001)
      ├── SessionNotFound        unknown or expired session, or another app's
-     ├── RateLimited            too many messages on one connection
+     ├── RateLimited            too many messages on one connection, or sessions for one appid
+     ├── TooManySessions        an appid's quota of running sessions is used up
      ├── BackendUnavailable     Redis unreachable; converted at the Redis boundary
+     ├── BackendCommandError    Redis refused a command (a bug or bad data): not retried
      └── AgentError             raised by an agent; its text becomes ``data.error``
 
 Every error a client can see has a stable machine ``code``; its ``str()`` is the
@@ -26,6 +28,7 @@ __all__ = [
     "CLOSE_TRY_AGAIN_LATER",
     "AgentError",
     "AuthenticationFailed",
+    "BackendCommandError",
     "BackendUnavailable",
     "FrameTooLarge",
     "GatewayError",
@@ -33,6 +36,7 @@ __all__ = [
     "RateLimited",
     "SessionNotFound",
     "TooManyAgents",
+    "TooManySessions",
 ]
 
 #: WebSocket close code sent after an authentication failure.
@@ -56,6 +60,8 @@ class GatewayError(Exception):
             self.code = code
         #: The session the error is about, echoed in the error frame.
         self.session_id = session_id
+        #: The client's ``request_id`` of the message that failed, echoed in the error frame.
+        self.request_id: str | None = None
 
 
 class ProtocolError(GatewayError):
@@ -94,10 +100,26 @@ class RateLimited(GatewayError):
     code = "rate_limited"
 
 
+class TooManySessions(GatewayError):
+    """The appid has ``max_sessions_per_app`` sessions running (across every instance)."""
+
+    code = "too_many_sessions"
+
+
 class BackendUnavailable(GatewayError):
     """Redis cannot be reached; the operation may be retried later."""
 
     code = "backend_unavailable"
+
+
+class BackendCommandError(GatewayError):
+    """Redis answered a command with an error that retrying cannot cure (wrong type, bad
+    argument, script error): surfaced as ``internal_error``, logged, never retried as an outage.
+
+    Its text is the generic one; the Redis error is its ``__cause__``, for the logs.
+    """
+
+    code = "internal_error"
 
 
 class AgentError(GatewayError):

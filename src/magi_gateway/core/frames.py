@@ -33,6 +33,7 @@ __all__ = [
     "error_frame",
     "final_tail",
     "internal_error_frame",
+    "pong",
     "session_head",
     "stream_tail",
     "stream_tail_affixes",
@@ -66,9 +67,20 @@ def connection_established(connection_id: str) -> bytes:
     return encode({"type": "connection_established", "connection_id": connection_id})
 
 
-def agents_frame(agents: Mapping[AgentId, int]) -> bytes:
+def pong(request_id: str | None = None) -> bytes:
+    """The answer to ``ping`` (with the ping's ``request_id`` when it had one)."""
+    return PONG if request_id is None else encode({"type": "pong", "request_id": request_id})
+
+
+def agents_frame(agents: Mapping[AgentId, int], request_id: str | None = None) -> bytes:
     """The answer to ``get_agents``: agents with live workers, and how many."""
-    return encode({"type": "agents", "agents": [{"agent_id": a, "workers": n} for a, n in agents.items()]})
+    frame: dict[str, Any] = {
+        "type": "agents",
+        "agents": [{"agent_id": a, "workers": n} for a, n in agents.items()],
+    }
+    if request_id is not None:
+        frame["request_id"] = request_id
+    return encode(frame)
 
 
 def broadcast_frame(message: str) -> bytes:
@@ -81,11 +93,15 @@ def error_frame(exc: GatewayError) -> bytes:
     frame: dict[str, Any] = {"error": str(exc), "code": exc.code}
     if exc.session_id is not None:
         frame["session_id"] = exc.session_id
+    if exc.request_id is not None:
+        frame["request_id"] = exc.request_id
     return encode(frame)
 
 
-def internal_error_frame() -> bytes:
+def internal_error_frame(request_id: str | None = None) -> bytes:
     """Frame for an unexpected exception: its text stays in the logs."""
+    if request_id is not None:
+        return encode({"error": "Internal server error", "code": "internal_error", "request_id": request_id})
     return b'{"error":"Internal server error","code":"internal_error"}'
 
 

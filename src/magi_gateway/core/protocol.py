@@ -27,6 +27,7 @@ __all__ = [
     "Ping",
     "Resume",
     "parse_client_frame",
+    "request_id_of",
 ]
 
 #: Agent ids are used in Redis key names, so they are kept to a safe alphabet.
@@ -61,6 +62,7 @@ class Cancel:
     """``cancel``: stop a session's pending agents."""
 
     session_id: SessionId
+    request_id: str | None = None
     type: Literal["cancel"] = "cancel"
 
 
@@ -70,6 +72,7 @@ class Resume:
 
     session_id: SessionId
     last_seq: int
+    request_id: str | None = None
     type: Literal["resume"] = "resume"
 
 
@@ -77,6 +80,7 @@ class Resume:
 class Ping:
     """``ping``: liveness check, answered with ``pong``."""
 
+    request_id: str | None = None
     type: Literal["ping"] = "ping"
 
 
@@ -84,6 +88,7 @@ class Ping:
 class GetAgents:
     """``get_agents``: list agents that have live workers."""
 
+    request_id: str | None = None
     type: Literal["get_agents"] = "get_agents"
 
 
@@ -126,12 +131,33 @@ def _judgement(obj: dict[str, Any], limits: Limits) -> JudgementRequest:
         raise _invalid("data.user_input must be a string")
     if len(user_input.encode()) > limits.max_input_bytes:
         raise _invalid(f"data.user_input exceeds {limits.max_input_bytes} bytes")
+    return JudgementRequest(tuple(AgentId(a) for a in agent_ids), user_input, _valid_request_id(obj))
+
+
+def _valid_request_id(obj: dict[str, Any]) -> str | None:
     request_id = obj.get("request_id")
     if request_id is not None and (
         not isinstance(request_id, str) or not 0 < len(request_id) <= _MAX_REQUEST_ID_CHARS
     ):
         raise _invalid(f"request_id must be a string of 1-{_MAX_REQUEST_ID_CHARS} characters")
-    return JudgementRequest(tuple(AgentId(a) for a in agent_ids), user_input, request_id)
+    return request_id
+
+
+def _echoed_request_id(obj: dict[str, Any]) -> str | None:
+    """The ``request_id`` replies echo: a valid one; others are ignored (a judgement refuses them)."""
+    request_id = obj.get("request_id")
+    if isinstance(request_id, str) and 0 < len(request_id) <= _MAX_REQUEST_ID_CHARS:
+        return request_id
+    return None
+
+
+def request_id_of(frame: str | bytes, limits: Limits) -> str | None:
+    """The frame's valid ``request_id``, if it has one (for errors raised before parsing)."""
+    try:
+        message = parse_client_frame(frame, limits)
+    except ProtocolError as exc:
+        return exc.request_id
+    return message.request_id
 
 
 def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
@@ -145,21 +171,29 @@ def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
         raise ProtocolError("Invalid JSON", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ProtocolError("A message must be a JSON object", code="invalid_message")
-    kind = obj.get("type")
+    request_id = _echoed_request_id(obj)
+    try:
+        return _parse_kind(obj.get("type"), obj, limits, request_id)
+    except ProtocolError as exc:
+        exc.request_id = request_id  # so the client knows which of its messages failed
+        raise
+
+
+def _parse_kind(kind: Any, obj: dict[str, Any], limits: Limits, request_id: str | None) -> ClientMessage:
     if kind is None:
         raise ProtocolError("Missing message type", code="missing_type")
     if kind == "agent_judgement":
         return _judgement(obj, limits)
     if kind == "ping":
-        return Ping()
+        return Ping(request_id)
     if kind == "get_agents":
-        return GetAgents()
+        return GetAgents(request_id)
     if kind == "cancel":
-        return Cancel(_session_id(obj))
+        return Cancel(_session_id(obj), request_id)
     if kind == "resume":
         last_seq = _field(obj, "last_seq")
         if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq <= MAX_SEQ:
             raise _invalid(f"last_seq must be an integer from 0 to {MAX_SEQ}")
-        return Resume(_session_id(obj), last_seq)
+        return Resume(_session_id(obj), last_seq, request_id)
     shown = kind if isinstance(kind, str) and len(kind) <= 64 else "?"
     raise ProtocolError(f"Unsupported message type: {shown}", code="unknown_type")

@@ -1,4 +1,5 @@
-"""The transport of ``magi-gateway admin`` commands: publish, then collect the answers.
+"""The transport of ``magi-gateway admin`` commands: publish, then collect the answers;
+and the deployment-wide record of the commands' nonces.
 
 The command line signs commands (``core/admin.py``) and prints the answers; this module
 only moves bytes. Failures surface as ``BackendUnavailable`` (``redis_errors``).
@@ -7,10 +8,33 @@ only moves bytes. Failures surface as ``BackendUnavailable`` (``redis_errors``).
 from __future__ import annotations
 
 import time
+from importlib.resources import files
 
 from magi_gateway.redis.client import RedisClient, open_pubsub, redis_errors
+from magi_gateway.redis.keys import Keys
 
-__all__ = ["publish_and_collect"]
+__all__ = ["AdminNonces", "publish_and_collect"]
+
+_NONCE_LUA = files("magi_gateway.redis").joinpath("lua/admin_nonce.lua").read_text(encoding="utf-8")
+
+
+class AdminNonces:
+    """When each admin command's nonce was first seen by any gateway instance.
+
+    A command's publication reaches every instance within milliseconds; a nonce first
+    seen long before is a replay, even to an instance started since (whose in-memory
+    table of seen nonces is empty).
+    """
+
+    def __init__(self, redis: RedisClient, keys: Keys) -> None:
+        self.keys = keys
+        self._record = redis.register_script(_NONCE_LUA)
+
+    async def age_ms(self, nonce: str, ttl_ms: int) -> int:
+        """Milliseconds since ``nonce`` was first seen (0: now), kept for ``ttl_ms``; by Redis's clock."""
+        with redis_errors():
+            age = await self._record(keys=[self.keys.admin_nonce(nonce)], args=[ttl_ms])
+        return int(age)
 
 
 async def publish_and_collect(

@@ -1,4 +1,6 @@
-"""Redis connections and the boundary where Redis errors become ``BackendUnavailable``.
+"""Redis connections and the boundary where Redis errors become ``BackendUnavailable``
+(an outage: callers retry with backoff) or ``BackendCommandError`` (Redis refused the
+command itself: retrying cannot help).
 
 ``REDIS_URL`` may name a Sentinel-managed master instead of one server::
 
@@ -34,15 +36,15 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
 from magi_gateway.redis.sentinel import FailoverPool
 from magi_gateway.redis.urls import parse_cluster_url, parse_sentinel_url
 from magi_gateway.settings import Settings
 
-__all__ = ["RedisClient", "connect", "listen", "open_pubsub", "redis_errors"]
+__all__ = ["RedisClient", "connect", "gateway_error", "listen", "open_pubsub", "redis_errors"]
 
 #: A client of one server (or a Sentinel-managed master), or of a Redis Cluster.
 RedisClient = Redis | RedisCluster
@@ -180,12 +182,39 @@ async def _read_messages(pubsub: PubSub, on_message: Callable[[bytes, bytes], No
         feed(data)
 
 
+#: Error replies that mean "not now" rather than "never": a replica during a failover,
+#: a cluster resharding or down, a server loading or busy with a script, out of memory
+#: (until something expires), a consumer group not created yet (workers recreate it),
+#: a script not loaded yet (``Script`` objects load it).
+_TRANSIENT_REPLIES = (
+    "READONLY",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "LOADING",
+    "BUSY",
+    "OOM",
+    "NOGROUP",
+    "NOSCRIPT",
+)
+
+
+def gateway_error(exc: Exception) -> GatewayError:
+    """The gateway's error for a Redis failure: an outage, or a refused command."""
+    if isinstance(exc, ResponseError) and not str(exc).startswith(_TRANSIENT_REPLIES):
+        error: GatewayError = BackendCommandError("Internal server error")
+    else:
+        error = BackendUnavailable("Backend temporarily unavailable")
+    error.__cause__ = exc
+    return error
+
+
 @contextmanager
 def redis_errors() -> Iterator[None]:
-    """Convert any Redis failure inside the block to ``BackendUnavailable``."""
+    """Convert any Redis failure inside the block to ``BackendUnavailable`` (an outage) or
+    ``BackendCommandError`` (an error reply retrying cannot cure, see ``gateway_error``)."""
     try:
         yield
-    except RedisError as exc:
-        raise BackendUnavailable("Backend temporarily unavailable") from exc
-    except OSError as exc:
-        raise BackendUnavailable("Backend temporarily unavailable") from exc
+    except (RedisError, OSError) as exc:
+        raise gateway_error(exc) from exc

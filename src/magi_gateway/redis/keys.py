@@ -12,11 +12,16 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     {P}:a:AGENT:workers  zset     live worker ids, score = heartbeat expiry (ms)
     {P}:agents           zset     agents with a live worker, score = expiry (ms)
     {P}:deadlines        zset     session id -> deadline (ms), swept by every gateway
+    {P}:unqueued         hash     session id -> requests not yet queued (the intake mark)
+    {P}:app:LEN:APPID:running  zset  the appid's running sessions, score = deadline (ms)
+    {P}:app:LEN:APPID:rate     string  sessions the appid opened this second
+    {P}:unqueued:due     zset     session id -> when the repair sweep queues them (ms)
     P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
     P:cancel             channel  session ids whose agents workers must stop
     P:admin              channel  signed admin commands, for every gateway instance
     P:ready:INSTANCE     string   written by /readyz to prove Redis takes writes (5 s expiry)
     P:admin:reply:NONCE  channel  the instances' answers to one admin command
+    P:admin:nonce:NONCE  string   when an admin command was first seen (ms, Redis clock)
 
 The original system's lists, used by ``LegacyBridge`` (``L`` is ``LEGACY_LIST_PREFIX``,
 empty by default: the original backends know these names as they are, unprefixed)::
@@ -120,6 +125,24 @@ class Keys:
         """Deadlines of running sessions, for the timeout sweep."""
         return f"{{{self.prefix}}}:deadlines"
 
+    def app_running(self, appid: AppId) -> str:
+        """Running sessions of one appid, across every instance (its quota)."""
+        return f"{{{self.prefix}}}:app:{len(appid)}:{appid}:running"
+
+    def app_rate(self, appid: AppId) -> str:
+        """Sessions one appid opened in the current second (its creation rate)."""
+        return f"{{{self.prefix}}}:app:{len(appid)}:{appid}:rate"
+
+    @property
+    def unqueued(self) -> str:
+        """Requests of sessions being opened, until they are queued (``redis.intake``)."""
+        return f"{{{self.prefix}}}:unqueued"
+
+    @property
+    def unqueued_due(self) -> str:
+        """When the repair sweep queues a session's requests if nobody did."""
+        return f"{{{self.prefix}}}:unqueued:due"
+
     @property
     def cancel_channel(self) -> str:
         """Where gateways announce cancelled sessions to workers."""
@@ -137,6 +160,10 @@ class Keys:
     def admin_reply_channel(self, nonce: str) -> str:
         """Where gateway instances answer the admin command ``nonce``."""
         return f"{self.prefix}:admin:reply:{nonce}"
+
+    def admin_nonce(self, nonce: str) -> str:
+        """When the admin command ``nonce`` was first seen by any instance (replay guard)."""
+        return f"{self.prefix}:admin:nonce:{nonce}"
 
     @property
     def gateway_channel_prefix(self) -> str:

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ResponseError
 
 from magi_gateway._util import now_ms
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendCommandError
 from magi_gateway.core.ids import AgentId
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
@@ -98,7 +98,7 @@ class Liveness:
             try:
                 with redis_errors():
                     groups: Any = await self.redis.xinfo_groups(self.keys.requests(agent_id))
-            except BackendUnavailable as exc:
+            except BackendCommandError as exc:
                 if not (isinstance(exc.__cause__, ResponseError) and "no such key" in str(exc.__cause__)):
                     raise
                 groups = []  # no stream yet: nothing queued

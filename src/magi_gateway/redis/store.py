@@ -28,6 +28,7 @@ from magi_gateway.core.session import ResultCode, compute_verdict, normalize_dec
 from magi_gateway.redis.chunks import ChunkWriter
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.idempotency import RequestIds
+from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
 
@@ -76,6 +77,7 @@ class Store:
         retention_s: int = 600,
         max_session_messages: int = 10_000,
         request_stream_maxlen: int = 100_000,
+        app_limits: AppLimits | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -86,6 +88,10 @@ class Store:
         self.request_ids = RequestIds(redis, keys, retention_ms=self.retention_ms)
         self.max_session_messages = max_session_messages
         self.request_stream_maxlen = request_stream_maxlen
+        #: Sessions per appid (running, opened per second), across every instance.
+        self.app_limits = app_limits or AppLimits()
+        #: Queueing a new session's requests exactly once.
+        self.intake = Intake(redis, keys, request_stream_maxlen=request_stream_maxlen)
         self._append = redis.register_script(_APPEND_LUA)
         #: Thinking chunks, many per round trip.
         self.chunks = ChunkWriter(redis, keys)
@@ -100,10 +106,22 @@ class Store:
         agent_ids: Sequence[AgentId],
         deadline_ms: int,
         request_id: str | None,
+        *,
+        intake: PendingIntake | None = None,
     ) -> None:
-        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1)."""
+        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1).
+
+        The appid's limits are checked first (``TooManySessions``, ``RateLimited``), and
+        the deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
+        written with that check, in the deployment's slot: a session that exists is always
+        swept at its deadline, and its requests are queued even if the caller fails
+        before ``intake.enqueue``.
+        """
         keys = self.keys.session(session_id)
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
+        # The deadline set is one key for all sessions, so not in the transaction below
+        # (which stays on the session's hash slot). Over an appid limit: raises, nothing written.
+        await self.intake.admit(session_id, appid, deadline_ms, ttl_ms, intake, self.app_limits)
         with redis_errors():
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(
@@ -122,13 +140,6 @@ class Store:
                 pipe.sadd(keys.pending, *agent_ids)
                 pipe.pexpire(keys.meta, ttl_ms)
                 pipe.pexpire(keys.pending, ttl_ms)
-                await pipe.execute()
-            # The deadline set is one key for all sessions, so not in the transaction
-            # above (which stays on the session's hash slot).
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.keys.deadlines, {session_id: deadline_ms})
-                pipe.pexpire(self.keys.deadlines, ttl_ms, nx=True)
-                pipe.pexpire(self.keys.deadlines, ttl_ms, gt=True)
                 await pipe.execute()
         await self._run_append(
             session_id,
@@ -339,9 +350,14 @@ class Store:
         return [SessionId(d.decode()) for d in due]
 
     async def clear_deadline(self, session_id: SessionId) -> None:
-        """Remove a session from the deadline sweep (completed or timed out)."""
+        """Remove a session from the deadline sweep and its appid's running sessions."""
         with redis_errors():
-            await self.redis.zrem(self.keys.deadlines, session_id)
+            appid: Any = await self.redis.hget(self.keys.session(session_id).meta, "appid")
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(self.keys.deadlines, session_id)
+                if appid is not None:  # else it stops counting at its deadline (pruned by score)
+                    pipe.zrem(self.keys.app_running(AppId(appid.decode())), session_id)
+                await pipe.execute()
 
     async def announce_cancel(self, session_id: SessionId) -> None:
         """Tell every worker to stop its agents working on ``session_id``."""

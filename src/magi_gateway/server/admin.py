@@ -10,9 +10,10 @@ import orjson
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
-from magi_gateway.core.admin import AdminCommand, AdminError, CommandChecker
+from magi_gateway.core.admin import MAX_AGE_MS, AdminCommand, AdminError, CommandChecker
 from magi_gateway.core.errors import CLOSE_ADMIN_DISCONNECT, BackendUnavailable
 from magi_gateway.core.ids import InstanceId
+from magi_gateway.redis.admin import AdminNonces
 from magi_gateway.redis.store import Store
 from magi_gateway.server.delivery import Delivery
 from magi_gateway.server.outbox import Connection
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 #: Sessions one instance lists in its answer to ``admin sessions``.
 _ADMIN_MAX_SESSIONS = 1000
+#: A command's nonce first seen (by any instance) longer ago than this is a replay. One
+#: publication reaches every subscribed instance well within it.
+FANOUT_GRACE_MS = 2000
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
@@ -45,6 +49,7 @@ class AdminExecutor:
         self.delivery = delivery
         self._connections = connections
         self._spawn = spawn
+        self._nonces = AdminNonces(store.redis, store.keys)
 
     def on_message(self, data: bytes) -> None:
         """A message on the admin channel: run it if its signature and age are right."""
@@ -53,8 +58,24 @@ class AdminExecutor:
         except AdminError as exc:
             logger.warning("admin command refused: %s", exc)
             return
+        self._spawn(self._run_unless_replayed(command), f"admin-{command.command}")
+
+    async def _run_unless_replayed(self, command: AdminCommand) -> None:
+        """Run ``command`` unless its nonce was seen before its publication reached us.
+
+        The check in memory (``CommandChecker``) forgets on restart; this one is in Redis,
+        shared by every instance. Redis unreachable: refused (it cannot be checked).
+        """
+        try:
+            age_ms = await self._nonces.age_ms(command.nonce, 2 * MAX_AGE_MS)
+        except BackendUnavailable:
+            logger.warning("admin command %s refused: its nonce cannot be checked", command.command)
+            return
+        if age_ms > FANOUT_GRACE_MS:
+            logger.warning("admin command refused: replayed command (nonce first seen %d ms ago)", age_ms)
+            return
         logger.info("admin command %s %s", command.command, command.args)
-        self._spawn(self.run(command), f"admin-{command.command}")
+        await self.run(command)
 
     async def run(self, command: AdminCommand) -> None:
         """Carry out ``command`` and answer on its reply channel."""

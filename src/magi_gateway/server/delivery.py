@@ -20,8 +20,9 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from magi_gateway._util import Backoff
+from magi_gateway.core import frames
 from magi_gateway.core.delivery import Action, SessionDelivery
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.ids import ConnectionId, SessionId
 from magi_gateway.core.notification import Message
 from magi_gateway.redis.store import Store
@@ -183,6 +184,13 @@ class Delivery:
                 except BackendUnavailable as exc:
                     await asyncio.sleep(backoff.failed(logger, f"replay of {session.id}", exc))
                     continue
+                except BackendCommandError as exc:
+                    # Retrying cannot help: the client hears of it and may resume again.
+                    logger.error("replay of %s failed: %s", session.id, exc.__cause__)
+                    exc.session_id = session.id
+                    connection.push(frames.error_frame(exc), b"error")
+                    self.untrack(session)
+                    return
                 size = 0
                 for seq, kind, frame in entries:
                     if not connection.outbox.has_room(1, len(frame)):

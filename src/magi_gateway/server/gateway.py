@@ -30,11 +30,17 @@ from magi_gateway._util import Backoff
 from magi_gateway.core import frames, protocol
 from magi_gateway.core.admin import CommandChecker
 from magi_gateway.core.connection import ClientProtocol, Received
-from magi_gateway.core.errors import CLOSE_SERVICE_RESTART, BackendUnavailable, GatewayError
+from magi_gateway.core.errors import (
+    CLOSE_SERVICE_RESTART,
+    BackendCommandError,
+    BackendUnavailable,
+    GatewayError,
+)
 from magi_gateway.core.ids import AppId, ConnectionId, InstanceId
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.logs import connection_id_var, session_id_var
 from magi_gateway.redis.client import connect
+from magi_gateway.redis.intake import AppLimits
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.server import metrics
@@ -70,6 +76,7 @@ class Gateway:
             retention_s=settings.session_retention_s,
             max_session_messages=settings.max_session_messages,
             request_stream_maxlen=settings.request_stream_maxlen,
+            app_limits=AppLimits(settings.max_sessions_per_app, settings.max_sessions_per_s_per_app),
         )
         self.limits = protocol.Limits(
             max_frame_bytes=settings.max_frame_bytes,
@@ -232,6 +239,8 @@ class Gateway:
                 try:
                     await self._dispatch(connection, command)
                 except GatewayError as exc:
+                    if isinstance(exc, BackendCommandError):
+                        logger.error("Redis refused a command for %s: %s", connection.id, exc.__cause__)
                     received = ClientProtocol.failed(command, exc)
                 except Exception:
                     logger.exception("unexpected error handling a frame on %s", connection.id)
@@ -242,7 +251,8 @@ class Gateway:
 
     async def _dispatch(self, connection: Connection, command: protocol.ClientMessage) -> None:
         if isinstance(command, protocol.GetAgents):
-            connection.push(frames.agents_frame(await self.store.liveness.live_agents()), b"agents")
+            agents = await self.store.liveness.live_agents()
+            connection.push(frames.agents_frame(agents, command.request_id), b"agents")
         elif isinstance(command, protocol.JudgementRequest):
             await self.open_judgement(connection, command)
         elif isinstance(command, protocol.Resume):

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from magi_gateway._util import Backoff
-from magi_gateway.core.errors import BackendUnavailable, ProtocolError
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, ProtocolError
 from magi_gateway.core.notification import decode_notification
 from magi_gateway.redis.client import RedisClient, listen
 from magi_gateway.server import metrics
@@ -70,7 +70,8 @@ class Listener:
                     lambda channel, data: self._handle(channel, data, admin),
                     on_subscribed=lambda: self._subscribed(backoff),
                 )
-            except BackendUnavailable as exc:
+            except (BackendUnavailable, BackendCommandError) as exc:
+                # A refused SUBSCRIBE has no other way on than trying again, with backoff.
                 self.subscribed.clear()
                 await asyncio.sleep(backoff.failed(logger, "notification subscription", exc))
 

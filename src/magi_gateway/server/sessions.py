@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import protocol
-from magi_gateway.core.errors import BackendUnavailable, GatewayError, SessionNotFound
+from magi_gateway.core.errors import (
+    BackendCommandError,
+    BackendUnavailable,
+    GatewayError,
+    RateLimited,
+    SessionNotFound,
+    TooManySessions,
+)
 from magi_gateway.core.ids import InstanceId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
 from magi_gateway.logs import session_id_var
+from magi_gateway.redis.intake import PendingIntake
 from magi_gateway.redis.store import SessionInfo, Store
 from magi_gateway.server import metrics
 from magi_gateway.server.delivery import Delivery
@@ -26,6 +35,8 @@ from magi_gateway.server.outbox import Connection
 from magi_gateway.settings import Settings
 
 __all__ = ["SessionOps"]
+
+logger = logging.getLogger(__name__)
 
 #: A duplicate request_id can arrive while the first is still creating its session.
 _CREATION_WAIT_POLLS = 20
@@ -63,26 +74,37 @@ class SessionOps:
         session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
         try:
             live = await self.store.liveness.live_worker_counts(request.agent_ids)
+            plan = plan_judgement(request.agent_ids, live)
+            intake = PendingIntake(session_id, appid, plan.queue, request.user_input, deadline_ms)
             await self.store.create_session(
-                session_id, appid, self.instance_id, request.agent_ids, deadline_ms, request.request_id
+                session_id,
+                appid,
+                self.instance_id,
+                request.agent_ids,
+                deadline_ms,
+                request.request_id,
+                intake=intake,
             )
-        except BackendUnavailable:
+        except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
             self.delivery.untrack(session)
             if request.request_id is not None:
                 with contextlib.suppress(BackendUnavailable):
                     await self.store.request_ids.release(appid, request.request_id, session_id)
             raise
         metrics.SESSIONS_STARTED.inc()
-        plan = plan_judgement(request.agent_ids, live)
-        for agent_id in plan.queue:
-            await self.store.enqueue_request(session_id, agent_id, request.user_input, deadline_ms, appid)
-        for agent_id in plan.no_worker:
-            await self.store.append_final(
-                session_id,
-                agent_id,
-                ResultCode.NO_AGENT,
-                {"error": f"No live worker serves agent '{agent_id}'"},
-            )
+        try:
+            await self.store.intake.enqueue(intake)
+            for agent_id in plan.no_worker:
+                await self.store.append_final(
+                    session_id,
+                    agent_id,
+                    ResultCode.NO_AGENT,
+                    {"error": f"No live worker serves agent '{agent_id}'"},
+                )
+        except BackendUnavailable as exc:
+            # The session is accepted: the intake repair queues its requests (any
+            # instance), the deadline sweep answers the rest.
+            logger.warning("session %s left to the intake repair (%s)", session_id, exc.__cause__ or exc)
 
     async def session_info(self, connection: Connection, session_id: SessionId, *, wait: bool) -> SessionInfo:
         """The session, if it exists and belongs to the connection's appid."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff, now_ms
-from magi_gateway.core.errors import AgentError, BackendUnavailable
+from magi_gateway.core.errors import AgentError, BackendCommandError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.output_limits import checked_final
 from magi_gateway.core.session import ResultCode
@@ -157,6 +157,12 @@ class Worker:
                 groups_ready = False
                 await asyncio.sleep(backoff.failed(logger, "reading requests", exc))
                 continue
+            except BackendCommandError as exc:
+                # Not an outage: say so each time (with backoff), nothing else to move on to.
+                logger.error("reading requests failed: %s", exc.__cause__)
+                groups_ready = False
+                await asyncio.sleep(backoff.next_delay())
+                continue
             backoff.reset()
             if batch is None:
                 return  # stopping
@@ -213,6 +219,8 @@ class Worker:
                 await self.queue.refresh([job.request for job in self._jobs.values()])
             except BackendUnavailable:
                 logger.debug("heartbeat failed; Redis unavailable")
+            except BackendCommandError as exc:
+                logger.error("heartbeat failed: %s", exc.__cause__)
             await asyncio.sleep(self.settings.worker_heartbeat_interval_s)
 
     async def _listen_for_cancels(self) -> None:
@@ -220,7 +228,7 @@ class Worker:
         while True:
             try:
                 await self.queue.watch_cancels(self._cancel_session, on_subscribed=backoff.reset)
-            except BackendUnavailable as exc:
+            except (BackendUnavailable, BackendCommandError) as exc:
                 await asyncio.sleep(backoff.failed(logger, "the cancel subscription", exc))
 
     def _cancel_session(self, session_id: SessionId) -> None:
