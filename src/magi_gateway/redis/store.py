@@ -352,12 +352,13 @@ class Store:
     async def clear_deadline(self, session_id: SessionId) -> None:
         """Remove a session from the deadline sweep and its appid's running sessions."""
         with redis_errors():
-            appid: Any = await self.redis.hget(self.keys.session(session_id).meta, "appid")
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(self.keys.deadlines, session_id)
-                if appid is not None:  # else it stops counting at its deadline (pruned by score)
-                    pipe.zrem(self.keys.app_running(AppId(appid.decode())), session_id)
-                await pipe.execute()
+                pipe.hget(self.keys.session(session_id).meta, "appid")
+                # Unreadable session data must not keep the session in the sweep forever.
+                _removed, appid = await pipe.execute(raise_on_error=False)
+            if isinstance(appid, bytes):  # else it stops counting at its deadline (pruned by score)
+                await self.redis.zrem(self.keys.app_running(AppId(appid.decode())), session_id)
 
     async def announce_cancel(self, session_id: SessionId) -> None:
         """Tell every worker to stop its agents working on ``session_id``."""
