@@ -63,6 +63,13 @@ def ws(handle: GatewayHandle, stack: contextlib.ExitStack) -> ClientConnection:
     return connection
 
 
+def refusals(handle: GatewayHandle, reason: str) -> float:
+    """``magi_edge_refusals_total{reason}`` as the gateway's ``/metrics`` shows it."""
+    text = httpx.get(f"{handle.http}/metrics", timeout=5).text
+    line = f'magi_edge_refusals_total{{reason="{reason}"}} '
+    return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
+
+
 def test_a_socket_that_sends_nothing_is_closed_after_the_timeout(edge_gateway: GatewayHandle) -> None:
     with raw_socket(edge_gateway) as sock:
         assert read_to_eof(sock) == b""
@@ -72,6 +79,7 @@ def test_a_partial_header_is_closed_after_the_timeout(edge_gateway: GatewayHandl
     with raw_socket(edge_gateway) as sock:
         sock.sendall(b"GET /ws?appid=a&token=b HTTP/1.1\r\n" + UPGRADE.encode())  # no blank line
         assert read_to_eof(sock) == b""
+    assert refusals(edge_gateway, "handshake_timeout") >= 1
 
 
 def test_slow_header_bytes_do_not_reset_the_timeout(edge_gateway: GatewayHandle) -> None:
@@ -114,6 +122,7 @@ def test_an_oversized_head_is_answered_431_and_closed(edge_gateway: GatewayHandl
     assert b"connection: close" in answer.lower()
     # The gateway is unharmed.
     assert httpx.get(f"{edge_gateway.http}/healthz", timeout=5).status_code == 200
+    assert refusals(edge_gateway, "head_too_large") == 1
 
 
 def test_connections_beyond_the_limit_are_refused(edge_gateway: GatewayHandle) -> None:
@@ -140,3 +149,10 @@ def test_connections_beyond_the_limit_are_refused(edge_gateway: GatewayHandle) -
                 time.sleep(0.05)
         else:
             raise AssertionError("no room after a connection closed")
+    # Counted: the WebSocket upgrade and /readyz at least (read once the connections are closed).
+    for _ in range(100):
+        metrics = httpx.get(f"{edge_gateway.http}/metrics", timeout=5)
+        if metrics.status_code == 200:
+            break
+        time.sleep(0.05)
+    assert refusals(edge_gateway, "too_many_connections") >= 2

@@ -137,17 +137,21 @@ class Delivery:
                 self.replay(session)
                 return  # the replay reads the rest of this batch from the log
 
-    def attach(self, session_id: SessionId, connection: Connection, last_seq: int) -> None:
+    def attach(
+        self, session_id: SessionId, connection: Connection, last_seq: int, *, restart: bool = False
+    ) -> None:
         """Deliver ``session_id`` to ``connection``: replay after ``last_seq``, then live.
 
         A session being delivered to this connection already keeps its one delivery: a
         repeated ``resume`` replaces the earlier one instead of queueing the log again
         (what was handed over stays handed, so the client gets every message after
         ``last_seq`` once, in order). Once the complete was handed, the delivery is over
-        and a new ``resume`` replays again.
+        and a new ``resume`` replays again. ``restart`` starts a new delivery from
+        ``last_seq`` in any case (a retried ``agent_judgement``, answered by its session
+        from seq 1 again).
         """
         current = self.sessions.get(session_id)
-        if current is not None and current.connection is connection:
+        if current is not None and current.connection is connection and not restart:
             current.state.resumed(last_seq)
             return
         self.replay(self.track(session_id, connection, last_seq))

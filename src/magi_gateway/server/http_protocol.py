@@ -41,6 +41,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from magi_gateway.server import metrics
 from magi_gateway.settings import Settings
 
 __all__ = ["EdgeLimits", "GatewayHttpProtocol", "http_protocol"]
@@ -111,7 +112,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self._head_open and not self.transport.is_closing():
-            self.logger.info("closing a connection that sent no complete request headers in time")
+            # Debug only: a slowloris would flood the log; the counter says how many.
+            self.logger.debug("closing a connection that sent no complete request headers in time")
+            metrics.EDGE_REFUSALS.labels("handshake_timeout").inc()
             self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -179,9 +182,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         at_limit = len(self.connections) > self._limits.max_connections  # this one included
         if at_limit and self.url.split(b"?", 1)[0] not in _EXEMPT_PATHS:
-            self.logger.warning(
-                "refusing a connection: MAX_CONNECTIONS (%d) open", self._limits.max_connections
-            )
+            self.logger.debug("refusing a request: MAX_CONNECTIONS (%d) open", self._limits.max_connections)
             self._refuse_in_callback(503, "Too many connections")
         super().on_headers_complete()
 
@@ -189,6 +190,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         """Answer ``status`` with ``message`` and close the connection."""
         self._refusal = (status, message)
         self._disarm_head_timer()
+        metrics.EDGE_REFUSALS.labels("too_many_connections" if status == 503 else "head_too_large").inc()
         body = message.encode()
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
         for name, value in self.server_state.default_headers:

@@ -19,6 +19,7 @@ __all__ = [
     "BYTES_OUT",
     "CLIENT_ERRORS",
     "CONNECTIONS",
+    "EDGE_REFUSALS",
     "MESSAGES_IN",
     "MESSAGES_OUT",
     "REDIS_ERRORS",
@@ -60,6 +61,11 @@ TIME_TO_FINAL = Histogram(
 )
 RESUMES = Counter("magi_resumes", "Resume requests, by outcome (ok, not_found, error)", ["outcome"])
 AUTH_FAILURES = Counter("magi_auth_failures", "Rejected WebSocket authentications, by reason", ["reason"])
+EDGE_REFUSALS = Counter(
+    "magi_edge_refusals",
+    "Connections closed before a request: handshake timeout, oversized head (431), MAX_CONNECTIONS (503)",
+    ["reason"],
+)
 CLIENT_ERRORS = Counter("magi_client_errors", "Error frames sent to clients", ["code"])
 BAD_FRAMES = Counter("magi_bad_frames", "Frames from Redis skipped because they are not UTF-8 text")
 REDIS_RECONNECTS = Counter("magi_redis_reconnects", "Notification subscription reconnects")

@@ -66,7 +66,7 @@ class SessionOps:
                 # A retried request: the same session again, replayed from the start
                 # (unless it has expired meanwhile: then the request starts afresh).
                 try:
-                    await self.attach(connection, existing, 0, wait_for_creation=True)
+                    await self.attach(connection, existing, 0, wait_for_creation=True, restart=True)
                     return
                 except SessionNotFound:
                     await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
@@ -119,16 +119,23 @@ class SessionOps:
         return info
 
     async def attach(
-        self, connection: Connection, session_id: SessionId, last_seq: int, *, wait_for_creation: bool = False
+        self,
+        connection: Connection,
+        session_id: SessionId,
+        last_seq: int,
+        *,
+        wait_for_creation: bool = False,
+        restart: bool = False,
     ) -> None:
-        """Deliver a session to ``connection``: replay after ``last_seq``, then live."""
+        """Deliver a session to ``connection``: replay after ``last_seq``, then live
+        (``restart``: even if this connection receives it already, see ``Delivery.attach``)."""
         info = await self.session_info(connection, session_id, wait=wait_for_creation)
         if info.owner != self.instance_id and not info.completed:
             await self.store.set_owner(session_id, self.instance_id)
         # The replay runs as a task, paced by the connection's buffer, and hands over to
         # live delivery once it has caught up with the log; a session this connection
         # receives already is not delivered twice.
-        self.delivery.attach(session_id, connection, last_seq)
+        self.delivery.attach(session_id, connection, last_seq, restart=restart)
 
     async def resume(self, connection: Connection, message: protocol.Resume) -> None:
         """``resume``: attach, counting the outcome."""
