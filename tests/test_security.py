@@ -345,7 +345,10 @@ def check_reply(frame: Frame, reply: dict[str, Any], live: LiveConnection) -> No
         assert code in DOCUMENTED_ERRORS, reply
         assert isinstance(reply["error"], str)
         assert reply["error"]
-        assert set(reply) <= {"error", "code", "session_id"}, reply
+        assert set(reply) <= {"error", "code", "session_id", "request_id"}, reply
+        if "request_id" in reply:  # echoed from the message it answers, never made up
+            assert isinstance(parsed, dict), reply
+            assert reply["request_id"] == parsed.get("request_id"), reply
         if frame.size > MAX_FRAME_BYTES:
             assert code == "frame_too_large", reply
         else:
@@ -357,7 +360,10 @@ def check_reply(frame: Frame, reply: dict[str, Any], live: LiveConnection) -> No
             raise AssertionError(f"a valid {kind} was refused: {reply}")
         return
     assert frame.size <= MAX_FRAME_BYTES, reply
-    if reply == PONG:
+    if "request_id" in reply:  # echoed from the message it answers, never made up
+        assert isinstance(parsed, dict), reply
+        assert reply["request_id"] == parsed.get("request_id"), reply
+    if {k: v for k, v in reply.items() if k != "request_id"} == PONG:
         assert kind == "ping", reply
     elif reply.get("type") == "agents":
         assert kind == "get_agents", reply
