@@ -206,10 +206,25 @@ def test_redis_key_names_only_in_keys_module(path: Path) -> None:
     assert _key_literals(path.read_text(encoding="utf-8")) == []
 
 
+#: One concept per module, about 350 lines at most (STYLE.md).
+_MAX_LINES = 350
+#: Longer modules, each with its bound and its reason.
+_LONGER: dict[str, tuple[int, str]] = {}
+
+
 @pytest.mark.parametrize("path", ALL_MODULES, ids=_module_name)
-def test_module_at_most_500_lines(path: Path) -> None:
+def test_module_at_most_350_lines(path: Path) -> None:
     lines = len(path.read_text(encoding="utf-8").splitlines())
-    assert lines <= 500, f"{_module_name(path)} has {lines} lines"
+    bound, _reason = _LONGER.get(_module_name(path), (_MAX_LINES, ""))
+    assert lines <= bound, f"{_module_name(path)} has {lines} lines"
+
+
+def test_longer_modules_are_still_longer() -> None:
+    """An exception that is no longer needed is removed."""
+    for name, (bound, reason) in _LONGER.items():
+        path = PACKAGE_DIR.parent / (name.replace(".", "/") + ".py")
+        assert reason
+        assert len(path.read_text(encoding="utf-8").splitlines()) > _MAX_LINES, name
 
 
 def test_import_contracts_hold() -> None:

@@ -213,7 +213,7 @@ async def test_queue_stats_for_an_agent_without_a_stream(settings: Settings, red
     await store.liveness.heartbeat("w", ["nostream"], 10_000)
     stats = await store.liveness.agent_stats()
     assert stats == {"nostream": AgentStats(workers=1, lag=0, pending=0)}
-    assert await store.running_sessions() == 0
+    assert await store.deadlines.running() == 0
 
 
 class StallingProxy:

@@ -151,7 +151,7 @@ def disconnect_app(
 def sessions(secret: _SecretOption = None, wait: _WaitOption = 1.0, as_json: _JsonOption = False) -> None:
     """Sessions being delivered by each instance, and how many run across the deployment."""
     answers = _run("sessions", {}, secret, wait)
-    running = _redis_call(_from_store(Settings(), Store.running_sessions))
+    running = _redis_call(_from_store(Settings(), lambda store: store.deadlines.running()))
     if as_json:
         console.print_json(orjson.dumps({"running": running, "instances": answers}).decode())
         return

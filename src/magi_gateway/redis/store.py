@@ -23,22 +23,21 @@ from magi_gateway.core import frames
 from magi_gateway.core.errors import BackendUnavailable
 from magi_gateway.core.frames import SessionFrameType
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
-from magi_gateway.core.notification import notify_prefix, probe_notification
+from magi_gateway.core.notification import notify_prefix
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
 from magi_gateway.redis.chunks import ChunkWriter
 from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.deadlines import Deadlines
 from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
+from magi_gateway.redis.signals import Signals
 
 __all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "SessionInfo", "Store"]
 
 #: The one write path of every session message (see the script's header).
 _APPEND_LUA = files("magi_gateway.redis").joinpath("lua/append.lua").read_text(encoding="utf-8")
-
-#: The readiness key expires by itself.
-_PROBE_TTL_MS = 5000
 
 # Negative codes returned by _APPEND_LUA, by meaning.
 _GONE, _COMPLETED, _NOT_PENDING, _FULL, _STILL_PENDING = -1, -2, -3, -4, -5
@@ -93,6 +92,10 @@ class Store:
         #: Queueing a new session's requests exactly once.
         self.intake = Intake(redis, keys, request_stream_maxlen=request_stream_maxlen)
         self._append = redis.register_script(_APPEND_LUA)
+        #: The shared deadline set (the sweep) and each appid's running sessions.
+        self.deadlines = Deadlines(redis, keys)
+        #: Publications: cancels for workers, readiness probes, admin answers.
+        self.signals = Signals(redis, keys)
         #: Thinking chunks, many per round trip.
         self.chunks = ChunkWriter(redis, keys)
 
@@ -329,7 +332,7 @@ class Store:
             frames.complete_tail(verdict, results),
         )
         if done[0] > 0 and clear_deadline:
-            await self.clear_deadline(session_id)
+            await self.deadlines.clear(session_id)
         return bool(done[0] > 0)
 
     async def finish_pending(self, info: SessionInfo, result_code: ResultCode, data: dict[str, Any]) -> None:
@@ -337,44 +340,6 @@ class Store:
         for agent_id in info.agent_ids:
             if agent_id in info.pending:
                 await self.append_final(info.session_id, agent_id, result_code, data)
-
-    async def running_sessions(self) -> int:
-        """Sessions not yet completed or timed out, across every gateway instance."""
-        with redis_errors():
-            return int(await self.redis.zcard(self.keys.deadlines))
-
-    async def due_sessions(self, now: int, limit: int = 100) -> list[SessionId]:
-        """Sessions whose deadline has passed and that are not yet cleared."""
-        with redis_errors():
-            due: Any = await self.redis.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=limit)
-        return [SessionId(d.decode()) for d in due]
-
-    async def clear_deadline(self, session_id: SessionId) -> None:
-        """Remove a session from the deadline sweep and its appid's running sessions."""
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(self.keys.deadlines, session_id)
-                pipe.hget(self.keys.session(session_id).meta, "appid")
-                # Unreadable session data must not keep the session in the sweep forever.
-                _removed, appid = await pipe.execute(raise_on_error=False)
-            if isinstance(appid, bytes):  # else it stops counting at its deadline (pruned by score)
-                await self.redis.zrem(self.keys.app_running(AppId(appid.decode())), session_id)
-
-    async def announce_cancel(self, session_id: SessionId) -> None:
-        """Tell every worker to stop its agents working on ``session_id``."""
-        with redis_errors():
-            await self.redis.publish(self.keys.cancel_channel, session_id)
-
-    async def probe(self, instance_id: InstanceId, token: bytes) -> None:
-        """Prove Redis takes writes, and send a probe through ``instance_id``'s notifications."""
-        with redis_errors():
-            await self.redis.set(self.keys.ready_probe(instance_id), token, px=_PROBE_TTL_MS)
-            await self.redis.publish(self.keys.gateway_channel(instance_id), probe_notification(token))
-
-    async def answer_admin(self, reply_to: str, answer: bytes) -> None:
-        """Publish an instance's answer to an admin command on its reply channel."""
-        with redis_errors():
-            await self.redis.publish(reply_to, answer)
 
     # -- requests ----------------------------------------------------------------
 

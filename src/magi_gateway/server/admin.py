@@ -102,6 +102,6 @@ class AdminExecutor:
                 for s in list(self.delivery.sessions.values())[:_ADMIN_MAX_SESSIONS]
             ]
         try:
-            await self.store.answer_admin(command.reply_to, orjson.dumps(reply))
+            await self.store.signals.answer_admin(command.reply_to, orjson.dumps(reply))
         except BackendUnavailable:
             logger.warning("could not answer admin command %s", command.command)

@@ -271,7 +271,7 @@ class Gateway:
         metrics.publish_counts()
         try:
             async with asyncio.timeout(_METRICS_TIMEOUT_S):  # a scrape must not hang on Redis
-                running = await self.store.running_sessions()
+                running = await self.store.deadlines.running()
                 stats = await self.store.liveness.agent_stats()
         except (BackendUnavailable, TimeoutError):
             metrics.REDIS_ERRORS.inc()
@@ -296,7 +296,7 @@ class Gateway:
         probe = self.listener.expect_probe(token)
         try:
             async with asyncio.timeout(timeout_s):
-                await self.store.probe(self.instance_id, token)
+                await self.store.signals.probe(self.instance_id, token)
                 await probe
             return True
         except (BackendUnavailable, TimeoutError):

@@ -155,4 +155,4 @@ class SessionOps:
         if info.completed:
             raise GatewayError("Session already complete", code="session_completed", session_id=session_id)
         await self.store.finish_pending(info, ResultCode.CANCELLED, {"error": "Cancelled by the client"})
-        await self.store.announce_cancel(session_id)
+        await self.store.signals.announce_cancel(session_id)

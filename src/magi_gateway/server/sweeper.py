@@ -42,13 +42,13 @@ async def sweep_deadlines(
     while True:
         try:
             await repair_intakes(store, now())
-            for session_id in await store.due_sessions(now()):
+            for session_id in await store.deadlines.due(now()):
                 try:
                     await _time_out(store, session_id, error)
                 except BackendCommandError as exc:
                     # Retrying cannot help (bad data under the session's keys): move on.
                     logger.error("could not time out session %s: %s", session_id, exc.__cause__)
-                await store.clear_deadline(session_id)
+                await store.deadlines.clear(session_id)
             retry.reset()
             await asyncio.sleep(SWEEP_INTERVAL_S)
         except BackendUnavailable as exc:
