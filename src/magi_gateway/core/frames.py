@@ -22,6 +22,7 @@ __all__ = [
     "AUTH_FAILED",
     "AUTH_THROTTLED",
     "PONG",
+    "TOKEN_EXPIRED",
     "TOO_MANY_CONNECTIONS",
     "SessionFrameType",
     "accepted_tail",
@@ -33,6 +34,7 @@ __all__ = [
     "error_frame",
     "final_tail",
     "internal_error_frame",
+    "refreshed_frame",
     "session_head",
     "stream_tail",
     "stream_tail_affixes",
@@ -60,6 +62,9 @@ TOO_MANY_CONNECTIONS: Final = encode(
     {"error": "Too many connections for this appid; try again later", "code": "too_many_connections"}
 )
 
+#: Sent when a connection's JWT reaches its ``exp`` unrefreshed, before the close (4001).
+TOKEN_EXPIRED: Final = encode({"error": "Token expired", "code": "token_expired"})
+
 
 def connection_established(connection_id: str) -> bytes:
     """The greeting after a successful handshake."""
@@ -69,6 +74,13 @@ def connection_established(connection_id: str) -> bytes:
 def agents_frame(agents: Mapping[AgentId, int]) -> bytes:
     """The answer to ``get_agents``: agents with live workers, and how many."""
     return encode({"type": "agents", "agents": [{"agent_id": a, "workers": n} for a, n in agents.items()]})
+
+
+def refreshed_frame(expires_at: float) -> bytes:
+    """The answer to a valid ``refresh``: the connection now ends at the new token's ``exp``."""
+    return encode(
+        {"type": "refreshed", "expires_at": int(expires_at) if expires_at.is_integer() else expires_at}
+    )
 
 
 def broadcast_frame(message: str) -> bytes:
