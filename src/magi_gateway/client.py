@@ -7,7 +7,10 @@
             print(message)
 
 ``judge`` yields the session's messages in order, each exactly once, up to and
-including ``agent_judgement_complete``. When the connection drops (network, gateway
+including ``agent_judgement_complete``. Instead of ``secret`` a client may give ``token``:
+a JWT, or a callable returning one (a *token factory*); with a factory the client
+sends ``refresh`` with a new token before the current one expires, and gets a fresh
+one on every reconnect. When the connection drops (network, gateway
 restart, 1013 for a slow reader) the client reconnects with capped exponential
 backoff and jitter, with a fresh token, re-sends judgements not yet accepted (same
 ``request_id``, so the gateway does not start them twice) and resumes every open
@@ -23,7 +26,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -34,6 +37,7 @@ import websockets
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
+from magi_gateway.core.jwt_auth import unverified_expiry
 
 __all__ = ["ConnectionLost", "MagiClient"]
 
@@ -45,6 +49,9 @@ _QUEUE_SIZE = 1024
 #: Error code meaning "retry later": the gateway could not reach Redis.
 _RETRYABLE = "backend_unavailable"
 _JUDGE_ATTEMPTS = 10
+#: A token from a factory is refreshed this long before its exp (at most; a third of
+#: what is left for short-lived tokens).
+_REFRESH_AHEAD_S = 30.0
 
 
 class ConnectionLost(GatewayError):
@@ -79,8 +86,9 @@ class MagiClient:
         self,
         url: str | Sequence[str],
         *,
-        appid: str,
-        secret: str,
+        appid: str = "",
+        secret: str | None = None,
+        token: str | Callable[[], str] | None = None,
         open_timeout_s: float = 10,
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 5.0,
@@ -91,8 +99,16 @@ class MagiClient:
         if not self.urls:
             raise ValueError("at least one gateway URL is needed")
         self._url_index = 0
+        if secret is None and token is None:
+            raise ValueError("give a secret or a token (a JWT, or a callable returning one)")
+        if secret is not None and not appid:
+            raise ValueError("a secret needs its appid")
+        #: The appid sent in the URL; empty with a JWT means "the token's sub".
         self.appid = appid
         self.secret = secret
+        self._token = token
+        self._token_expired = False  # the gateway said so before closing 4001
+        self._refresher: asyncio.Task[None] | None = None
         self.open_timeout_s = open_timeout_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -114,7 +130,12 @@ class MagiClient:
         self.broadcasts: deque[str] = deque(maxlen=100)
 
     def token(self) -> str:
-        """A token for this minute."""
+        """A token to connect with: the factory's, the JWT given, or the seed token of this minute."""
+        if callable(self._token):
+            return self._token()
+        if self._token is not None:
+            return self._token
+        assert self.secret is not None
         return compute_token(self.appid, self.secret, minute_of(time.time()))
 
     # -- connection ------------------------------------------------------------------
@@ -130,7 +151,8 @@ class MagiClient:
         self._runner = asyncio.create_task(self._run(), name="magi-client")
 
     async def _open(self) -> None:
-        query = urlencode({"appid": self.appid, "token": self.token()})
+        token = self.token()
+        query = urlencode({"appid": self.appid, "token": token} if self.appid else {"token": token})
         url = self.urls[self._url_index % len(self.urls)]
         ws = await websockets.connect(f"{url}?{query}", open_timeout=self.open_timeout_s, max_size=None)
         try:
@@ -144,6 +166,12 @@ class MagiClient:
             raise GatewayError(hello.get("error", "connection refused"), code=hello.get("code"))
         self._ws = ws
         self.connection_id = hello["connection_id"]
+        self._token_expired = False
+        expires_at = unverified_expiry(token) if callable(self._token) else None
+        if expires_at is not None:
+            if self._refresher is not None:
+                self._refresher.cancel()
+            self._refresher = asyncio.create_task(self._refresh_before(expires_at), name="magi-refresh")
         # Re-send what the gateway may not have seen, then resume every open session.
         for waiter in self._waiters:
             await ws.send(orjson.dumps(waiter.message).decode())
@@ -166,7 +194,7 @@ class MagiClient:
             self._connected.clear()
             if self._closing:
                 return
-            if close_code == CLOSE_AUTH_FAILED:
+            if close_code == CLOSE_AUTH_FAILED and not (self._token_expired and callable(self._token)):
                 self._fail(AuthenticationFailed("Authentication failed"))
                 return
             self._fail_replies()
@@ -217,7 +245,8 @@ class MagiClient:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        await cancel_and_wait([*self._tasks, *([self._runner] if self._runner is not None else [])])
+        background = [t for t in (self._runner, self._refresher) if t is not None]
+        await cancel_and_wait([*self._tasks, *background])
 
     async def __aenter__(self) -> MagiClient:
         await self.connect()
@@ -230,10 +259,25 @@ class MagiClient:
 
     # -- messages --------------------------------------------------------------------
 
+    async def _refresh_before(self, expires_at: float) -> None:
+        """Send ``refresh`` with a token from the factory before each exp."""
+        while True:
+            left = expires_at - time.time()
+            await asyncio.sleep(max(0.0, left - min(_REFRESH_AHEAD_S, left / 3)))
+            try:
+                reply = await self._request({"type": "refresh", "token": self.token()})
+            except GatewayError as exc:  # the gateway closes at exp; a reconnect gets a new token
+                logger.warning("token refresh failed: %s", exc)
+                return
+            expires_at = float(reply["expires_at"])
+
     async def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("type") == "broadcast":
             self.broadcasts.append(str(message.get("message", "")))
             return  # not a reply to anything
+        if message.get("code") == "token_expired":
+            self._token_expired = True  # the close (4001) follows
+            return
         session_id = message.get("session_id")
         if message.get("type") == "agent_judgement_accepted":
             for waiter in self._waiters:
