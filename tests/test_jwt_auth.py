@@ -415,3 +415,10 @@ def test_mint_and_unverified_expiry() -> None:
     assert unverified_expiry("a.b.c") is None
     with pytest.raises(ValueError, match="HS256"):
         mint(APP, SECRET, now=NOW, ttl_s=60, algorithm="RS256")
+
+
+def test_jwt_settings_empty_means_unset() -> None:
+    from magi_gateway.settings import Settings
+
+    settings = Settings(_env_file=None, jwt_keys_file="", jwt_audience="", jwt_issuer="")  # type: ignore[call-arg]
+    assert (settings.jwt_keys_file, settings.jwt_audience, settings.jwt_issuer) == (None, None, None)

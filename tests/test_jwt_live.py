@@ -4,6 +4,8 @@ refused with an expired one, be closed with 4001 at ``exp``, stay past it by ``r
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,9 +16,12 @@ import websockets
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from magi_gateway.agents import demo_agents
 from magi_gateway.client import MagiClient
-from magi_gateway.core.jwt_auth import mint
+from magi_gateway.core.auth import TokenVerifier
+from magi_gateway.core.jwt_auth import JwtVerifier, mint
 from magi_gateway.settings import Settings
+from magi_gateway.worker.runner import Worker
 
 from ._support import APPID, SECRET, GatewayHandle, recv, send
 
@@ -154,3 +159,33 @@ async def test_client_with_a_fixed_jwt(settings: Settings, start_gateway: StartG
     gateway = await start_gateway(settings)
     async with MagiClient(f"ws://127.0.0.1:{gateway.port}/ws", appid=APPID, token=token()) as client:
         await client.ping()
+
+
+async def _cli(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("FIXED_SECRET", "APP_SECRETS")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "magi_gateway",
+        *args,
+        env={**env, "COLUMNS": "120"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, output.decode()
+    return output.decode()
+
+
+async def test_cli_mints_a_jwt_and_asks_with_it(
+    settings: Settings, start_gateway: StartGateway, start_worker: Callable[..., Awaitable[Worker]]
+) -> None:
+    gateway = await start_gateway(settings)
+    await start_worker(demo_agents(delay_s=0.01))
+    printed = (await _cli("token", APPID, "--secret", SECRET, "--jwt", "--ttl", "120")).strip()
+    claims = JwtVerifier(TokenVerifier(SECRET)).verify(printed, APPID, time.time())
+    assert claims.appid == APPID
+    assert time.time() + 100 < claims.expires_at <= time.time() + 120
+    answer = await _cli("ask", "--url", f"ws://127.0.0.1:{gateway.port}/ws", "--token", printed, "Tea?")
+    for name in ("MELCHIOR", "BALTHASAR", "CASPER", "VERDICT: APPROVE"):
+        assert name in answer, answer
