@@ -155,6 +155,22 @@ async def test_client_with_a_token_factory_refreshes_before_exp(
     assert len(minted) >= 3
 
 
+async def test_client_with_a_token_factory_reconnects_after_expiry(
+    settings: Settings, start_gateway: StartGateway
+) -> None:
+    """A refresh the gateway refuses: closed at exp (token_expired, 4001), then a new token."""
+    gateway = await start_gateway(settings)
+    tokens = iter([token(ttl_s=2), token(appid="other-app"), token()])
+    client = MagiClient(f"ws://127.0.0.1:{gateway.port}/ws", token=lambda: next(tokens))
+    async with client:
+        first_connection = client.connection_id
+        async with asyncio.timeout(10):
+            while client.reconnects == 0:
+                await asyncio.sleep(0.05)
+        await client.ping()
+        assert client.connection_id != first_connection
+
+
 async def test_client_with_a_fixed_jwt(settings: Settings, start_gateway: StartGateway) -> None:
     gateway = await start_gateway(settings)
     async with MagiClient(f"ws://127.0.0.1:{gateway.port}/ws", appid=APPID, token=token()) as client:

@@ -26,7 +26,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -34,10 +34,9 @@ from urllib.parse import urlencode
 import orjson
 import websockets
 
+from magi_gateway._client_tokens import TokenSource, refresh_delay
 from magi_gateway._tasks import cancel_and_wait
-from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
-from magi_gateway.core.jwt_auth import unverified_expiry
 
 __all__ = ["ConnectionLost", "MagiClient"]
 
@@ -49,9 +48,6 @@ _QUEUE_SIZE = 1024
 #: Error code meaning "retry later": the gateway could not reach Redis.
 _RETRYABLE = "backend_unavailable"
 _JUDGE_ATTEMPTS = 10
-#: A token from a factory is refreshed this long before its exp (at most; a third of
-#: what is left for short-lived tokens).
-_REFRESH_AHEAD_S = 30.0
 
 
 class ConnectionLost(GatewayError):
@@ -99,14 +95,10 @@ class MagiClient:
         if not self.urls:
             raise ValueError("at least one gateway URL is needed")
         self._url_index = 0
-        if secret is None and token is None:
-            raise ValueError("give a secret or a token (a JWT, or a callable returning one)")
-        if secret is not None and not appid:
-            raise ValueError("a secret needs its appid")
+        self._tokens = TokenSource(appid, secret, token)
         #: The appid sent in the URL; empty with a JWT means "the token's sub".
         self.appid = appid
         self.secret = secret
-        self._token = token
         self._token_expired = False  # the gateway said so before closing 4001
         self._refresher: asyncio.Task[None] | None = None
         self.open_timeout_s = open_timeout_s
@@ -131,12 +123,7 @@ class MagiClient:
 
     def token(self) -> str:
         """A token to connect with: the factory's, the JWT given, or the seed token of this minute."""
-        if callable(self._token):
-            return self._token()
-        if self._token is not None:
-            return self._token
-        assert self.secret is not None
-        return compute_token(self.appid, self.secret, minute_of(time.time()))
+        return self._tokens()
 
     # -- connection ------------------------------------------------------------------
 
@@ -167,11 +154,10 @@ class MagiClient:
         self._ws = ws
         self.connection_id = hello["connection_id"]
         self._token_expired = False
-        expires_at = unverified_expiry(token) if callable(self._token) else None
-        if expires_at is not None:
+        if (expires_at := self._tokens.refresh_due(token)) is not None:
             if self._refresher is not None:
                 self._refresher.cancel()
-            self._refresher = asyncio.create_task(self._refresh_before(expires_at), name="magi-refresh")
+            self._refresher = self._spawn(self._refresh_before(expires_at))
         # Re-send what the gateway may not have seen, then resume every open session.
         for waiter in self._waiters:
             await ws.send(orjson.dumps(waiter.message).decode())
@@ -194,7 +180,7 @@ class MagiClient:
             self._connected.clear()
             if self._closing:
                 return
-            if close_code == CLOSE_AUTH_FAILED and not (self._token_expired and callable(self._token)):
+            if close_code == CLOSE_AUTH_FAILED and not (self._token_expired and self._tokens.refreshes):
                 self._fail(AuthenticationFailed("Authentication failed"))
                 return
             self._fail_replies()
@@ -245,8 +231,7 @@ class MagiClient:
         self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        background = [t for t in (self._runner, self._refresher) if t is not None]
-        await cancel_and_wait([*self._tasks, *background])
+        await cancel_and_wait([*self._tasks, *([self._runner] if self._runner is not None else [])])
 
     async def __aenter__(self) -> MagiClient:
         await self.connect()
@@ -262,11 +247,10 @@ class MagiClient:
     async def _refresh_before(self, expires_at: float) -> None:
         """Send ``refresh`` with a token from the factory before each exp."""
         while True:
-            left = expires_at - time.time()
-            await asyncio.sleep(max(0.0, left - min(_REFRESH_AHEAD_S, left / 3)))
+            await asyncio.sleep(refresh_delay(expires_at, time.time()))
             try:
                 reply = await self._request({"type": "refresh", "token": self.token()})
-            except GatewayError as exc:  # the gateway closes at exp; a reconnect gets a new token
+            except Exception as exc:  # the gateway closes at exp; a reconnect gets a new token
                 logger.warning("token refresh failed: %s", exc)
                 return
             expires_at = float(reply["expires_at"])
@@ -307,9 +291,13 @@ class MagiClient:
                 waiter.future.set_result(message)
 
     def _spawn_resume(self, session_id: str) -> None:
-        task = asyncio.create_task(self._resume_later(session_id))
+        self._spawn(self._resume_later(session_id))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _resume_later(self, session_id: str) -> None:
         await asyncio.sleep(random.uniform(self.backoff_base_s, self.backoff_cap_s))
