@@ -7,7 +7,10 @@
             print(message)
 
 ``judge`` yields the session's messages in order, each exactly once, up to and
-including ``agent_judgement_complete``. When the connection drops (network, gateway
+including ``agent_judgement_complete``. Instead of ``secret`` a client may give ``token``:
+a JWT, or a callable returning one (a *token factory*); with a factory the client
+sends ``refresh`` with a new token before the current one expires, and gets a fresh
+one on every reconnect. When the connection drops (network, gateway
 restart, 1013 for a slow reader) the client reconnects with capped exponential
 backoff and jitter, with a fresh token, re-sends judgements not yet accepted (same
 ``request_id``, so the gateway does not start them twice) and resumes every open
@@ -23,7 +26,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
@@ -31,8 +34,8 @@ from urllib.parse import urlencode
 import orjson
 import websockets
 
+from magi_gateway._client_tokens import TokenSource, refresh_delay
 from magi_gateway._tasks import cancel_and_wait
-from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.errors import CLOSE_AUTH_FAILED, AuthenticationFailed, GatewayError, SessionNotFound
 
 __all__ = ["ConnectionLost", "MagiClient"]
@@ -89,8 +92,9 @@ class MagiClient:
         self,
         url: str | Sequence[str],
         *,
-        appid: str,
-        secret: str,
+        appid: str = "",
+        secret: str | None = None,
+        token: str | Callable[[], str] | None = None,
         open_timeout_s: float = 10,
         backoff_base_s: float = 0.1,
         backoff_cap_s: float = 5.0,
@@ -101,8 +105,12 @@ class MagiClient:
         if not self.urls:
             raise ValueError("at least one gateway URL is needed")
         self._url_index = 0
+        self._tokens = TokenSource(appid, secret, token)
+        #: The appid sent in the URL; empty with a JWT means "the token's sub".
         self.appid = appid
         self.secret = secret
+        self._token_expired = False  # the gateway said so before closing 4001
+        self._refresher: asyncio.Task[None] | None = None
         self.open_timeout_s = open_timeout_s
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
@@ -124,8 +132,8 @@ class MagiClient:
         self.broadcasts: deque[str] = deque(maxlen=100)
 
     def token(self) -> str:
-        """A token for this minute."""
-        return compute_token(self.appid, self.secret, minute_of(time.time()))
+        """A token to connect with: the factory's, the JWT given, or the seed token of this minute."""
+        return self._tokens()
 
     # -- connection ------------------------------------------------------------------
 
@@ -140,7 +148,8 @@ class MagiClient:
         self._runner = asyncio.create_task(self._run(), name="magi-client")
 
     async def _open(self) -> None:
-        query = urlencode({"appid": self.appid, "token": self.token()})
+        token = self.token()
+        query = urlencode({"appid": self.appid, "token": token} if self.appid else {"token": token})
         url = self.urls[self._url_index % len(self.urls)]
         ws = await websockets.connect(f"{url}?{query}", open_timeout=self.open_timeout_s, max_size=None)
         try:
@@ -154,6 +163,11 @@ class MagiClient:
             raise GatewayError(hello.get("error", "connection refused"), code=hello.get("code"))
         self._ws = ws
         self.connection_id = hello["connection_id"]
+        self._token_expired = False
+        if (expires_at := self._tokens.refresh_due(token)) is not None:
+            if self._refresher is not None:
+                self._refresher.cancel()
+            self._refresher = self._spawn(self._refresh_before(expires_at))
         # Re-send what the gateway may not have seen, then resume every open session.
         for waiter in self._waiters:
             await ws.send(orjson.dumps(waiter.message).decode())
@@ -176,7 +190,7 @@ class MagiClient:
             self._connected.clear()
             if self._closing:
                 return
-            if close_code == CLOSE_AUTH_FAILED:
+            if close_code == CLOSE_AUTH_FAILED and not (self._token_expired and self._tokens.refreshes):
                 self._fail(AuthenticationFailed("Authentication failed"))
                 return
             self._fail_replies()
@@ -240,10 +254,24 @@ class MagiClient:
 
     # -- messages --------------------------------------------------------------------
 
+    async def _refresh_before(self, expires_at: float) -> None:
+        """Send ``refresh`` with a token from the factory before each exp."""
+        while True:
+            await asyncio.sleep(refresh_delay(expires_at, time.time()))
+            try:
+                reply = await self._request({"type": "refresh", "token": self.token()})
+            except Exception as exc:  # the gateway closes at exp; a reconnect gets a new token
+                logger.warning("token refresh failed: %s", exc)
+                return
+            expires_at = float(reply["expires_at"])
+
     async def _dispatch(self, message: dict[str, Any]) -> None:
         if message.get("type") == "broadcast":
             self.broadcasts.append(str(message.get("message", "")))
             return  # not a reply to anything
+        if message.get("code") == "token_expired":
+            self._token_expired = True  # the close (4001) follows
+            return
         session_id = message.get("session_id")
         request_id = message.get("request_id")
         if request_id is not None and "seq" not in message:
@@ -287,9 +315,13 @@ class MagiClient:
         return None
 
     def _spawn_resume(self, session_id: str) -> None:
-        task = asyncio.create_task(self._resume_later(session_id))
+        self._spawn(self._resume_later(session_id))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _resume_later(self, session_id: str) -> None:
         await asyncio.sleep(random.uniform(self.backoff_base_s, self.backoff_cap_s))

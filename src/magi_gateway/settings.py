@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     app_secrets: dict[str, str] = Field(default_factory=dict)
     #: Previous minutes whose token is still accepted (the seed scheme accepts 1).
     token_skew_minutes: int = Field(1, ge=0, le=10)
+    #: Public keys (PEM or a JWK Set) for RS/PS/ES/EdDSA JWTs; re-read when the file changes.
+    jwt_keys_file: str | None = None
+    #: When set, a JWT's ``aud`` must name it.
+    jwt_audience: str | None = None
+    #: When set, a JWT's ``iss`` must equal it.
+    jwt_issuer: str | None = None
     #: ``*`` or a comma-separated list of origins, for CORS and the WebSocket Origin check.
     cors_origins: str = "*"
     #: Proxies whose ``X-Forwarded-For``/``-Proto`` are trusted: comma-separated addresses or
@@ -120,6 +126,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # The original .env template has `REDIS_PASSWORD=` (empty): that means "none".
+        return None if value == "" else value
+
+    @field_validator("jwt_keys_file", "jwt_audience", "jwt_issuer", mode="before")
+    @classmethod
+    def _empty_jwt_setting_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
     @property

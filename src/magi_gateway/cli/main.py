@@ -21,6 +21,7 @@ from magi_gateway.cli._terminal import render_judgement
 from magi_gateway.cli.admin import app as admin_app
 from magi_gateway.client import MagiClient
 from magi_gateway.core.auth import compute_token, minute_of
+from magi_gateway.core.jwt_auth import mint
 from magi_gateway.embedded import RedisServer, free_port
 from magi_gateway.logs import configure_logging
 from magi_gateway.settings import Settings
@@ -185,15 +186,29 @@ def token(
     appid: Annotated[str, typer.Argument(help="Application id")],
     secret: Annotated[str | None, typer.Option(help="Secret [env FIXED_SECRET]")] = None,
     data_dir: Annotated[Path, typer.Option(help="Where `up` keeps its secret")] = DEFAULT_DATA_DIR,
+    jwt: Annotated[bool, typer.Option("--jwt", help="Print a JWT (HS256, sub=APPID) instead")] = False,
+    ttl: Annotated[int, typer.Option(help="--jwt: seconds until its exp", min=1)] = 3600,
 ) -> None:
-    """Print a token valid for the current minute."""
+    """Print a token valid for the current minute, or a JWT valid for --ttl seconds."""
     settings = Settings()
     chosen = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
+    if jwt:
+        typer.echo(
+            mint(
+                appid,
+                chosen,
+                now=time.time(),
+                ttl_s=ttl,
+                audience=settings.jwt_audience,
+                issuer=settings.jwt_issuer,
+            )
+        )
+        return
     typer.echo(compute_token(appid, chosen, minute_of(time.time())))
 
 
-async def _ask(url: str, appid: str, secret: str, text: str, agent_ids: list[str]) -> str:
-    async with MagiClient(url, appid=appid, secret=secret) as client:
+async def _ask(client: MagiClient, text: str, agent_ids: list[str]) -> str:
+    async with client:
         complete = await render_judgement(console, agent_ids, client.judge(text, agent_ids))
     return str(complete["data"]["verdict"]) if complete else "none"
 
@@ -202,17 +217,25 @@ async def _ask(url: str, appid: str, secret: str, text: str, agent_ids: list[str
 def ask(
     text: Annotated[str, typer.Argument(help="The input the agents judge")],
     url: Annotated[str | None, typer.Option(help="Gateway WebSocket URL")] = None,
-    appid: Annotated[str, typer.Option(help="Application id")] = "magi-cli",
+    appid: Annotated[
+        str | None, typer.Option(help="Application id [default: magi-cli, or a JWT's sub]")
+    ] = None,
     secret: Annotated[str | None, typer.Option(help="Secret [env FIXED_SECRET]")] = None,
     agents: Annotated[str, typer.Option(help="Comma-separated agent ids")] = ",".join(DEMO_AGENT_NAMES),
     data_dir: Annotated[Path, typer.Option(help="Where `up` keeps its secret")] = DEFAULT_DATA_DIR,
+    token: Annotated[str | None, typer.Option(help="A JWT to connect with, instead of a secret")] = None,
 ) -> None:
     """Stream a judgement in the terminal."""
     settings = Settings()
-    chosen = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
     target = url or f"ws://127.0.0.1:{settings.port}/ws"
     agent_ids = [a.strip() for a in agents.split(",") if a.strip()]
-    asyncio.run(_ask(target, appid, chosen, text, agent_ids))
+    if token is not None:
+        client = MagiClient(target, appid=appid or "", token=token)
+    else:
+        appid = appid or "magi-cli"
+        chosen = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
+        client = MagiClient(target, appid=appid, secret=chosen)
+    asyncio.run(_ask(client, text, agent_ids))
 
 
 async def _up(
@@ -249,7 +272,7 @@ async def _up(
         console.print(f"  token      magi-gateway token my-app --secret {secret}", soft_wrap=True)
         if demo:
             console.print(f"\nA first judgement: [italic]{DEMO_QUESTION}[/italic]")
-            await _ask(ws_url, "magi-up", secret, DEMO_QUESTION, agent_ids)
+            await _ask(MagiClient(ws_url, appid="magi-up", secret=secret), DEMO_QUESTION, agent_ids)
         console.print("\nAsk your own (in another terminal):")
         which = f" --agents {','.join(agent_ids)}" if agents else ""
         console.print(

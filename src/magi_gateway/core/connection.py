@@ -4,8 +4,8 @@ In the style of python-websockets' ``protocol.py``: the driver feeds each text f
 the client sent to ``ClientProtocol.receive`` with the time, and gets a ``Received``
 back saying what to do —
 
-- ``reply``: a frame to send now, needing no I/O (``pong``, or the error for a frame
-  that was rate limited, malformed or over a limit), echoing the message's
+- ``reply``: a frame to send now, needing no I/O (``pong``, ``refreshed``, or the error
+  for a frame that was rate limited, malformed or over a limit), echoing the message's
   ``request_id`` when it had one;
 - ``command``: a message whose work needs Redis (``agent_judgement``, ``resume``,
   ``cancel``, ``get_agents``); the driver runs it and, should it fail, sends the
@@ -17,11 +17,13 @@ no parsing), then parsing and the limits. Nothing here raises on bad input.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from magi_gateway.core import frames, protocol
-from magi_gateway.core.errors import GatewayError, RateLimited
+from magi_gateway.core.errors import AuthenticationFailed, GatewayError, RateLimited
 from magi_gateway.core.ids import AppId, ConnectionId
+from magi_gateway.core.jwt_auth import JwtVerifier, is_jwt
 from magi_gateway.core.ratelimit import TokenBucket
 
 __all__ = ["ClientProtocol", "Received"]
@@ -48,7 +50,7 @@ _PONG = Received("ping", reply=frames.PONG, reply_kind=b"pong")
 class ClientProtocol:
     """The client side of one authenticated connection: who it is and how fast it may talk."""
 
-    __slots__ = ("appid", "id", "limits", "rate_limit")
+    __slots__ = ("appid", "expires_at", "id", "jwt", "limits", "on_expiry_change", "rate_limit")
 
     def __init__(
         self,
@@ -56,15 +58,25 @@ class ClientProtocol:
         appid: AppId,
         limits: protocol.Limits,
         rate_limit: TokenBucket | None = None,
+        *,
+        jwt: JwtVerifier | None = None,
+        expires_at: float | None = None,
     ) -> None:
         self.id = connection_id
         self.appid = appid
         self.limits = limits
         #: Limits the client's messages (overflow policy: drop the frame, answer rate_limited).
         self.rate_limit = rate_limit
+        #: Checks the tokens of ``refresh`` messages (None: refresh is refused).
+        self.jwt = jwt
+        #: When the connection's JWT expires (UNIX seconds); None: never (a seed token).
+        self.expires_at = expires_at
+        #: Called after a refresh moved ``expires_at`` (the driver re-arms its timer).
+        self.on_expiry_change: Callable[[], None] | None = None
 
-    def receive(self, frame: str | bytes, now: float) -> Received:
-        """Check and parse one client frame (``now``: monotonic seconds)."""
+    def receive(self, frame: str | bytes, now: float, wall_now: float | None = None) -> Received:
+        """Check and parse one client frame (``now``: monotonic seconds; ``wall_now``: UNIX
+        seconds, to check the token of a ``refresh``; without it a refresh is refused)."""
         if self.rate_limit is not None and not self.rate_limit.allow(now):
             limited = RateLimited("Too many messages; slow down")
             # Which of its messages was dropped, so that a client can match the error to it.
@@ -78,7 +90,26 @@ class ClientProtocol:
             if message.request_id is None:
                 return _PONG
             return Received("ping", reply=frames.pong(message.request_id), reply_kind=b"pong")
+        if isinstance(message, protocol.Refresh):
+            return self.refresh(message.token, wall_now, message.request_id)
         return Received(message.type, command=message)
+
+    def refresh(self, token: str, now: float | None, request_id: str | None = None) -> Received:
+        """Take a new JWT for this appid: the connection now ends at its ``exp``."""
+        try:
+            if self.jwt is None or now is None or not is_jwt(token):
+                raise AuthenticationFailed("A refresh needs a JWT")
+            claims = self.jwt.verify(token, self.appid, now)
+        except AuthenticationFailed as exc:
+            refused = AuthenticationFailed(f"Token refresh failed: {exc}")
+            refused.request_id = request_id
+            return _error("refresh", refused)
+        self.expires_at = claims.expires_at
+        if self.on_expiry_change is not None:
+            self.on_expiry_change()
+        return Received(
+            "refresh", reply=frames.refreshed_frame(claims.expires_at, request_id), reply_kind=b"refreshed"
+        )
 
     @staticmethod
     def failed(command: protocol.ClientMessage, exc: GatewayError) -> Received:

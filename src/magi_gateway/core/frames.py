@@ -22,6 +22,7 @@ __all__ = [
     "AUTH_FAILED",
     "AUTH_THROTTLED",
     "PONG",
+    "TOKEN_EXPIRED",
     "TOO_MANY_CONNECTIONS",
     "SessionFrameType",
     "accepted_tail",
@@ -34,6 +35,7 @@ __all__ = [
     "final_tail",
     "internal_error_frame",
     "pong",
+    "refreshed_frame",
     "session_head",
     "stream_tail",
     "stream_tail_affixes",
@@ -61,6 +63,9 @@ TOO_MANY_CONNECTIONS: Final = encode(
     {"error": "Too many connections for this appid; try again later", "code": "too_many_connections"}
 )
 
+#: Sent when a connection's JWT reaches its ``exp`` unrefreshed, before the close (4001).
+TOKEN_EXPIRED: Final = encode({"error": "Token expired", "code": "token_expired"})
+
 
 def connection_established(connection_id: str) -> bytes:
     """The greeting after a successful handshake."""
@@ -77,6 +82,17 @@ def agents_frame(agents: Mapping[AgentId, int], request_id: str | None = None) -
     frame: dict[str, Any] = {
         "type": "agents",
         "agents": [{"agent_id": a, "workers": n} for a, n in agents.items()],
+    }
+    if request_id is not None:
+        frame["request_id"] = request_id
+    return encode(frame)
+
+
+def refreshed_frame(expires_at: float, request_id: str | None = None) -> bytes:
+    """The answer to a valid ``refresh``: the connection now ends at the new token's ``exp``."""
+    frame: dict[str, Any] = {
+        "type": "refreshed",
+        "expires_at": int(expires_at) if expires_at.is_integer() else expires_at,
     }
     if request_id is not None:
         frame["request_id"] = request_id

@@ -25,6 +25,7 @@ __all__ = [
     "JudgementRequest",
     "Limits",
     "Ping",
+    "Refresh",
     "Resume",
     "parse_client_frame",
     "request_id_of",
@@ -92,7 +93,16 @@ class GetAgents:
     type: Literal["get_agents"] = "get_agents"
 
 
-ClientMessage = JudgementRequest | Cancel | Resume | Ping | GetAgents
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """``refresh``: a new JWT before the connection's one expires."""
+
+    token: str
+    request_id: str | None = None
+    type: Literal["refresh"] = "refresh"
+
+
+ClientMessage = JudgementRequest | Cancel | Resume | Ping | GetAgents | Refresh
 
 
 def _field(obj: dict[str, Any], name: str) -> Any:
@@ -195,5 +205,10 @@ def _parse_kind(kind: Any, obj: dict[str, Any], limits: Limits, request_id: str 
         if not isinstance(last_seq, int) or isinstance(last_seq, bool) or not 0 <= last_seq <= MAX_SEQ:
             raise _invalid(f"last_seq must be an integer from 0 to {MAX_SEQ}")
         return Resume(_session_id(obj), last_seq, request_id)
+    if kind == "refresh":
+        token = _field(obj, "token")
+        if not isinstance(token, str) or not token:
+            raise _invalid("token must be a non-empty string")
+        return Refresh(token, request_id)
     shown = kind if isinstance(kind, str) and len(kind) <= 64 else "?"
     raise ProtocolError(f"Unsupported message type: {shown}", code="unknown_type")

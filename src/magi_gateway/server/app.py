@@ -22,8 +22,10 @@ from starlette.types import Scope
 
 from magi_gateway.core.auth import FailureThrottle, TokenVerifier, compute_token, minute_of
 from magi_gateway.core.handshake import Admission
+from magi_gateway.core.jwt_auth import JwtVerifier
 from magi_gateway.logs import redact_access_log
 from magi_gateway.server.gateway import Gateway
+from magi_gateway.server.jwt_keys import KeyFile
 from magi_gateway.server.websocket import WebSocketEndpoint
 from magi_gateway.settings import Settings
 
@@ -75,7 +77,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
     gateway = Gateway(settings)
     verifier = TokenVerifier(settings.fixed_secret, settings.app_secrets, settings.token_skew_minutes)
     throttle = FailureThrottle(max_failures=settings.max_auth_failures_per_min, window_s=60.0)
-    admission = Admission(verifier, throttle, settings.cors_origin_list)
+    keys = KeyFile(settings.jwt_keys_file)
+    jwt = JwtVerifier(verifier, keys.current, audience=settings.jwt_audience, issuer=settings.jwt_issuer)
+    admission = Admission(verifier, throttle, settings.cors_origin_list, jwt)
     endpoint = WebSocketEndpoint(gateway, admission)
 
     @contextlib.asynccontextmanager

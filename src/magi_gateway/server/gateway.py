@@ -37,6 +37,7 @@ from magi_gateway.core.errors import (
     GatewayError,
 )
 from magi_gateway.core.ids import AppId, ConnectionId, InstanceId
+from magi_gateway.core.jwt_auth import JwtVerifier
 from magi_gateway.core.ratelimit import TokenBucket
 from magi_gateway.logs import connection_id_var, session_id_var
 from magi_gateway.redis.client import connect
@@ -167,8 +168,11 @@ class Gateway:
         """Whether ``appid`` has ``max_connections_per_app`` connections here already."""
         return self._per_app.get(appid, 0) >= self.settings.max_connections_per_app
 
-    def connect(self, appid: AppId, peer: str = "") -> Connection:
-        """Register a new authenticated connection and greet it."""
+    def connect(
+        self, appid: AppId, peer: str = "", *, expires_at: float | None = None, jwt: JwtVerifier | None = None
+    ) -> Connection:
+        """Register a new authenticated connection and greet it (``expires_at``: its JWT's
+        ``exp``; ``jwt``: checks the tokens of its ``refresh`` messages)."""
         connection = Connection(
             ConnectionId(secrets.token_hex(8)),
             appid,
@@ -179,6 +183,8 @@ class Gateway:
             rate_limit=TokenBucket(
                 self.settings.max_messages_per_s, self.settings.message_burst, time.monotonic()
             ),
+            expires_at=expires_at,
+            jwt=jwt,
         )
         self._per_app[appid] = self._per_app.get(appid, 0) + 1
         self._connections[connection.id] = connection
@@ -188,6 +194,7 @@ class Gateway:
 
     def disconnect(self, connection: Connection) -> None:
         """Forget a closed connection; its sessions run on (disconnect is not cancel)."""
+        connection.stop_expiry()
         if self._connections.pop(connection.id, None) is not None:
             remaining = self._per_app.get(connection.appid, 1) - 1
             if remaining > 0:
@@ -210,7 +217,7 @@ class Gateway:
         cut a judgement's setup short). Returns that task when this frame started it.
         """
         metrics.BYTES_IN.inc(len(frame.encode()) if isinstance(frame, str) else len(frame))
-        received = connection.client.receive(frame, time.monotonic())
+        received = connection.client.receive(frame, time.monotonic(), time.time())
         commands = connection.commands
         if received.command is None and not commands:
             self._answer(connection, received)

@@ -12,17 +12,24 @@ Two ways to drain it, one per driver:
 
 Replays wait for room (``wait_for_room``) either way. Client frames are handled in
 order: commands (judgements, resumes, cancels) one at a time, from ``commands``.
+
+A connection authenticated by a JWT has a timer at the token's ``exp`` (re-armed by a
+``refresh``): then it is sent ``token_expired`` and closed with 4001, by either driver.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from magi_gateway.core import frames
 from magi_gateway.core.connection import ClientProtocol, Received
+from magi_gateway.core.errors import CLOSE_AUTH_FAILED
 from magi_gateway.core.ids import AppId, ConnectionId
+from magi_gateway.core.jwt_auth import JwtVerifier
 from magi_gateway.core.outbox import DEFAULT_MAX_BYTES, Outbox
 from magi_gateway.core.protocol import Limits
 from magi_gateway.core.ratelimit import TokenBucket
@@ -49,8 +56,12 @@ class Connection:
         limits: Limits | None = None,
         peer: str = "",
         rate_limit: TokenBucket | None = None,
+        expires_at: float | None = None,
+        jwt: JwtVerifier | None = None,
     ) -> None:
-        self.client = ClientProtocol(connection_id, appid, limits or Limits(), rate_limit)
+        self.client = ClientProtocol(
+            connection_id, appid, limits or Limits(), rate_limit, jwt=jwt, expires_at=expires_at
+        )
         self.peer = peer
         self.outbox = Outbox(max_messages, max_bytes)
         #: Client frames waiting for their turn, in order: commands (at most one runs
@@ -61,6 +72,10 @@ class Connection:
         self._wakeup: asyncio.Event | None = None
         self._room: asyncio.Event | None = None
         self._writer: Callable[[], None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        if expires_at is not None or jwt is not None:
+            self.client.on_expiry_change = self._arm_expiry
+            self._arm_expiry()
 
     @property
     def id(self) -> ConnectionId:
@@ -105,6 +120,34 @@ class Connection:
         """Ask the driver to close the socket; queued frames are sent first only if ``flush``."""
         if self.outbox.request_close(code, reason, flush=flush):
             self._wake_all()
+
+    # -- the token's expiry ----------------------------------------------------------
+
+    def _arm_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        expires_at = self.client.expires_at
+        if expires_at is not None and not self.closing:
+            delay = max(0.0, expires_at - time.time())
+            self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        expires_at = self.client.expires_at
+        if expires_at is not None and expires_at > time.time():
+            self._arm_expiry()  # the loop's clock ran ahead of the wall clock
+            return
+        logger.info("connection %s: token expired; closing 4001", self.id)
+        self.push(frames.TOKEN_EXPIRED, b"error")
+        self.request_close(CLOSE_AUTH_FAILED, "Token expired", flush=True)
+
+    def stop_expiry(self) -> None:
+        """The connection is gone: its expiry timer with it."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        self.client.on_expiry_change = None
 
     # -- the fast driver's side ------------------------------------------------------
 

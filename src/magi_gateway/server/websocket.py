@@ -17,7 +17,6 @@ import time
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from magi_gateway.core.handshake import Admission, Refusal
-from magi_gateway.core.ids import AppId
 from magi_gateway.logs import connection_id_var
 from magi_gateway.server import metrics
 from magi_gateway.server.gateway import Gateway
@@ -42,20 +41,21 @@ class WebSocketEndpoint:
             await websocket.close(code=refusal.code)
             return
         peer = websocket.client.host if websocket.client else ""
-        appid = websocket.query_params.get("appid", "")
-        refusal = self.admission.check(
+        admitted = self.admission.admit(
             peer,
-            appid,
+            websocket.query_params.get("appid", ""),
             websocket.query_params.get("token", ""),
             time.time(),
             accepting=self.gateway.accepting,
-            at_capacity=self.gateway.at_capacity(AppId(appid)),
+            at_capacity=self.gateway.at_capacity,
         )
         await websocket.accept()
-        if refusal is not None:
-            await self._refuse(websocket, refusal)
+        if isinstance(admitted, Refusal):
+            await self._refuse(websocket, admitted)
             return
-        connection = self.gateway.connect(AppId(appid), peer)
+        connection = self.gateway.connect(
+            admitted.appid, peer, expires_at=admitted.expires_at, jwt=self.admission.jwt
+        )
         connection_id_var.set(connection.id)  # for the logs of this task and those it starts
 
         async def send_text(text: str) -> None:

@@ -34,7 +34,6 @@ from uvicorn.server import ServerState
 from magi_gateway.core import wsframe
 from magi_gateway.core.errors import CLOSE_SERVICE_RESTART
 from magi_gateway.core.handshake import Admission, Refusal
-from magi_gateway.core.ids import AppId
 from magi_gateway.server import metrics
 from magi_gateway.server.gateway import Gateway
 from magi_gateway.server.outbox import Connection, skipped_bad_frame
@@ -165,18 +164,20 @@ class FastWebSocket(asyncio.Protocol):
             b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
             b"sec-websocket-accept: %s\r\n\r\n" % wsframe.accept_key(key).encode()
         )
-        refusal = self.admission.check(
+        admitted = self.admission.admit(
             self.peer,
             appid,
             params.get("token", [""])[0],
             time.time(),
             accepting=self.gateway.accepting,
-            at_capacity=self.gateway.at_capacity(AppId(appid)),
+            at_capacity=self.gateway.at_capacity,
         )
-        if refusal is not None:
-            self._refuse(refusal)
+        if isinstance(admitted, Refusal):
+            self._refuse(admitted)
             return
-        connection = self.connection = self.gateway.connect(AppId(appid), self.peer)
+        connection = self.connection = self.gateway.connect(
+            admitted.appid, self.peer, expires_at=admitted.expires_at, jwt=self.admission.jwt
+        )
         connection.set_writer(self._schedule_flush)
         self._flush()  # the greeting
         self._arm_ping()
