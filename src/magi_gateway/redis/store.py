@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
@@ -393,7 +393,10 @@ class Store:
     async def clear_deadline(self, session_id: SessionId) -> None:
         """Remove a session from the deadline sweep and its appid's running sessions."""
         with redis_errors():
-            appid: Any = await self.redis.hget(self.keys.session(session_id).meta, "appid")
+            try:
+                appid: Any = await self.redis.hget(self.keys.session(session_id).meta, "appid")
+            except ResponseError:
+                appid = None  # bad data under the meta: it still leaves the sweep
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(self.keys.deadlines, session_id)
                 if appid is not None:  # else it stops counting at its deadline (pruned by score)
