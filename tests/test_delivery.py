@@ -13,7 +13,7 @@ import websockets
 from redis.asyncio import Redis
 
 from magi_gateway.agents import BenchAgent, demo_agents
-from magi_gateway.core.ids import AppId, SessionId
+from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
@@ -36,6 +36,7 @@ from ._delivery_helpers import (
     wait_logged_complete,
 )
 from ._support import (
+    APPID,
     SECRET,
     GatewayHandle,
     SessionRecord,
@@ -288,7 +289,7 @@ async def test_cancel_stops_pending_agents_and_keeps_finished_ones(
 
     async def acknowledged() -> bool:
         for name in ("sloth-a", "sloth-b"):
-            pending = await redis_client.xpending(keys.requests(name), WORKER_GROUP)
+            pending = await redis_client.xpending(keys.requests(name, APPID), WORKER_GROUP)
             if pending["pending"]:
                 return False
         return True
@@ -431,7 +432,8 @@ async def test_every_key_expires_and_sessions_are_kept_for_the_retention(
         assert f"{prefix}:s:{{{session_id}}}:log" in ttls
         assert f"{prefix}:s:{{{session_id}}}:meta" in ttls
     assert Keys(prefix).idempotency(AppId("test-app"), "keyed-request") in ttls
-    assert f"{{{prefix}}}:a:quick:requests" in ttls
+    assert Keys(prefix).requests(AgentId("quick"), AppId("test-app")) in ttls
+    assert Keys(prefix).request_apps(AgentId("quick")) in ttls
     assert f"{{{prefix}}}:a:quick:workers" in ttls
     assert f"{{{prefix}}}:agents" in ttls
     # Completed sessions are kept for the retention, not longer.

@@ -28,7 +28,6 @@ import orjson
 import pytest
 import websockets
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
 
 from magi_gateway.client import MagiClient
 from magi_gateway.core.ids import AgentId
@@ -161,12 +160,9 @@ async def wait_live_workers(redis: Redis, key_prefix: str, count: int, procs: li
 
 
 async def consumers(redis: Redis, key_prefix: str) -> list[str]:
-    """Consumer names in the bench agent's worker group (a worker joins on its first read)."""
-    try:
-        infos: Any = await redis.xinfo_consumers(Keys(key_prefix).requests(AGENT), WORKER_GROUP)
-    except ResponseError:
-        return []  # no stream or no group yet
-    return [info["name"].decode() for info in infos]
+    """Consumer names of the bench agent's live workers (a worker's id is its consumer name;
+    it joins the group of an appid's stream on its first read there)."""
+    return [name.decode() for name in await redis.zrange(Keys(key_prefix).workers(AGENT), 0, -1)]
 
 
 async def wait_new_consumer(redis: Redis, key_prefix: str, known: list[str], proc: Proc) -> str:
@@ -184,7 +180,7 @@ async def wait_new_consumer(redis: Redis, key_prefix: str, known: list[str], pro
 async def serving_consumer(redis: Redis, key_prefix: str) -> str:
     """The consumer holding the (single) bench request."""
     pending: Any = await redis.xpending_range(
-        Keys(key_prefix).requests(AGENT), WORKER_GROUP, min="-", max="+", count=10
+        Keys(key_prefix).requests(AGENT, APPID), WORKER_GROUP, min="-", max="+", count=10
     )
     assert len(pending) == 1, pending
     return str(pending[0]["consumer"].decode())
@@ -194,7 +190,7 @@ async def wait_nothing_pending(redis: Redis, key_prefix: str, timeout: float = 5
     """Until the bench agent's request stream has no unacknowledged request."""
     async with asyncio.timeout(timeout):
         while True:
-            pending: Any = await redis.xpending(Keys(key_prefix).requests(AGENT), WORKER_GROUP)
+            pending: Any = await redis.xpending(Keys(key_prefix).requests(AGENT, APPID), WORKER_GROUP)
             if pending["pending"] == 0:
                 return
             await asyncio.sleep(0.05)

@@ -25,7 +25,7 @@ from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
-from ._support import GatewayHandle, assert_well_formed, judge, recv, send
+from ._support import APPID, GatewayHandle, assert_well_formed, judge, recv, send
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -139,7 +139,7 @@ async def test_metrics_show_running_sessions_and_each_agents_queue(
     # A live worker for "backlog" that reads nothing: requests pile up in its stream.
     store = gateway.gateway.store
     await store.liveness.heartbeat("idle-worker", ["backlog"], 10_000)
-    await store.redis.xgroup_create(store.keys.requests("backlog"), "workers", id="0", mkstream=True)
+    await store.redis.xgroup_create(store.keys.requests("backlog", APPID), "workers", id="0", mkstream=True)
     async with await gateway.connect() as ws:
         for _ in range(3):
             await send(ws, {"type": "agent_judgement", "agent_ids": ["backlog"], "data": {"user_input": "x"}})
@@ -151,7 +151,8 @@ async def test_metrics_show_running_sessions_and_each_agents_queue(
         assert value(samples, "magi_sessions", state="running") >= 3
         assert value(samples, "magi_sessions", state="delivering") >= 3
         # A worker reads one: it moves from lag to pending.
-        await store.redis.xreadgroup("workers", "reader", {store.keys.requests("backlog"): ">"}, count=1)
+        stream = store.keys.requests("backlog", APPID)
+        await store.redis.xreadgroup("workers", "reader", {stream: ">"}, count=1)
         samples = await scrape(gateway)
         assert value(samples, "magi_agent_queue_lag", agent="backlog") == 2
         assert value(samples, "magi_agent_pending", agent="backlog") == 1

@@ -415,7 +415,7 @@ async def test_enqueued_requests_decode_with_request_from_fields(
     deadline = now_ms() + 5000
     await store.enqueue_request(session_id, "melchior", "Is it ünïcode? ☃", deadline, APP)
     await store.enqueue_request(session_id, "melchior", "", deadline, APP)
-    entries = await redis_client.xrange(keys.requests("melchior"))
+    entries = await redis_client.xrange(keys.requests("melchior", APP))
     assert len(entries) == 2
     decoded = [Request.from_fields(entry_id, fields) for entry_id, fields in entries]
     assert decoded[0] == Request(

@@ -30,7 +30,7 @@ from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import FunctionAgent
 
 from . import agents_for_tests
-from ._support import GatewayHandle, assert_well_formed, judge, recv
+from ._support import APPID, GatewayHandle, assert_well_formed, judge, recv
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "worker-tests"
@@ -175,7 +175,7 @@ async def test_agent_slower_than_the_timeout_gets_one_timeout_final(
     logged = await session_log(store, session_id)
     assert logged == record.messages
     assert len([m for m in logged if m["type"] == "agent_judgement_final"]) == 1
-    pending = await store.redis.xpending(store.keys.requests("sloth"), WORKER_GROUP)
+    pending = await store.redis.xpending(store.keys.requests("sloth", APPID), WORKER_GROUP)
     assert pending["pending"] == 0
 
 
@@ -193,7 +193,7 @@ async def test_burst_mode_returns_once_the_queue_is_empty(settings: Settings, st
         final = next(m for m in logged if m["type"] == "agent_judgement_final")
         assert final["data"]["judgement"] == f"echo: {text}"
     # Everything was acknowledged, nothing left pending for another worker.
-    pending = await store.redis.xpending(store.keys.requests("echo"), WORKER_GROUP)
+    pending = await store.redis.xpending(store.keys.requests("echo", APP), WORKER_GROUP)
     assert pending["pending"] == 0
 
 
@@ -219,7 +219,7 @@ async def test_expired_request_is_acknowledged_without_running_the_agent(
     await run_burst(worker)
     assert calls == 0
     assert [m["type"] for m in await session_log(store, session_id)] == ["agent_judgement_accepted"]
-    pending = await store.redis.xpending(store.keys.requests("never"), WORKER_GROUP)
+    pending = await store.redis.xpending(store.keys.requests("never", APP), WORKER_GROUP)
     assert pending["pending"] == 0
 
 
@@ -346,7 +346,7 @@ async def test_stop_lets_an_in_flight_agent_finish_within_grace(settings: Settin
     final = next(m for m in logged if m["type"] == "agent_judgement_final")
     assert final["result_code"] == 0
     assert final["data"]["judgement"] == "finished anyway"
-    pending = await store.redis.xpending(store.keys.requests("steady"), WORKER_GROUP)
+    pending = await store.redis.xpending(store.keys.requests("steady", APP), WORKER_GROUP)
     assert pending["pending"] == 0
     assert await store.liveness.live_worker_counts(["steady"]) == {"steady": 0}
 
@@ -369,7 +369,7 @@ async def test_stop_past_grace_leaves_the_request_for_another_worker(
     worker.stop()
     await asyncio.wait_for(task, 15)
     assert [m["type"] for m in await session_log(store, session_id)] == ["agent_judgement_accepted"]
-    pending = await store.redis.xpending(store.keys.requests("stubborn"), WORKER_GROUP)
+    pending = await store.redis.xpending(store.keys.requests("stubborn", APP), WORKER_GROUP)
     assert pending["pending"] == 1  # not acknowledged: it can be taken over
 
 

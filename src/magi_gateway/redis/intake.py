@@ -26,7 +26,7 @@ from magi_gateway.core.errors import RateLimited, TooManySessions
 from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import Keys
-from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS
+from magi_gateway.redis.liveness import ACTIVE_APP_MS, REQUEST_STREAM_TTL_MS
 
 __all__ = ["REPAIR_AFTER_MS", "AppLimits", "Intake", "PendingIntake"]
 
@@ -135,9 +135,17 @@ class Intake:
                 f"This appid opens more than {limits.max_per_s:g} sessions per second; slow down"
             )
 
-    async def enqueue(self, intake: PendingIntake) -> bool:
-        """Queue the marked requests unless someone did; True when this call queued them."""
-        streams = [self.keys.requests(agent_id) for agent_id in intake.agent_ids]
+    async def enqueue(self, intake: PendingIntake, *, marked: bool = True) -> bool:
+        """Queue the marked requests unless someone did; True when this call queued them.
+
+        ``marked=False`` queues them whether or not a mark is there (no mark is removed).
+        """
+        keys = [self.keys.unqueued, self.keys.unqueued_due]
+        for agent_id in intake.agent_ids:
+            keys += [
+                self.keys.requests(agent_id, intake.appid),
+                self.keys.request_apps(agent_id),
+            ]
         args: list[Any] = [
             intake.session_id,
             self.request_stream_maxlen,
@@ -145,10 +153,13 @@ class Intake:
             intake.appid,
             intake.user_input,
             intake.deadline_ms,
+            now_ms(),
+            ACTIVE_APP_MS,
+            "1" if marked else "0",
             *intake.agent_ids,
         ]
         with redis_errors():
-            done = await self._enqueue(keys=[self.keys.unqueued, self.keys.unqueued_due, *streams], args=args)
+            done = await self._enqueue(keys=keys, args=args)
         return bool(done)
 
     async def due(self, now: int, limit: int = 100) -> list[PendingIntake]:

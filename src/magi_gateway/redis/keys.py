@@ -8,7 +8,8 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     P:s:{SID}:pending    set      agents that still owe a final
     P:s:{SID}:results    hash     agent -> {"result_code", "decision"} (for the verdict)
     P:idem:LEN:APPID:RID string   request_id -> session id (idempotency; LEN = len(APPID))
-    {P}:a:AGENT:requests stream   requests for one agent, consumer group ``workers``
+    {P}:a:AGENT:q:LEN:APPID  stream  one appid's requests for one agent, group ``workers``
+    {P}:a:AGENT:apps     zset     appids that queued requests for the agent, score = last (ms)
     {P}:a:AGENT:workers  zset     live worker ids, score = heartbeat expiry (ms)
     {P}:agents           zset     agents with a live worker, score = expiry (ms)
     {P}:deadlines        zset     session id -> deadline (ms), swept by every gateway
@@ -107,9 +108,16 @@ class Keys:
         """
         return f"{self.prefix}:idem:{len(appid)}:{appid}:{request_id}"
 
-    def requests(self, agent_id: AgentId) -> str:
-        """Request stream of one agent."""
-        return f"{{{self.prefix}}}:a:{agent_id}:requests"
+    def requests(self, agent_id: AgentId, appid: AppId) -> str:
+        """Request stream of one agent for one appid (workers read the appids in turn).
+
+        The appid is length-prefixed, as in ``idempotency``.
+        """
+        return f"{{{self.prefix}}}:a:{agent_id}:q:{len(appid)}:{appid}"
+
+    def request_apps(self, agent_id: AgentId) -> str:
+        """The appids with requests for ``agent_id`` lately, score = last queued (ms)."""
+        return f"{{{self.prefix}}}:a:{agent_id}:apps"
 
     def workers(self, agent_id: AgentId) -> str:
         """Live workers of one agent."""

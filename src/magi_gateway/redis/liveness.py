@@ -18,14 +18,33 @@ from redis.exceptions import ResponseError
 
 from magi_gateway._util import now_ms
 from magi_gateway.core.errors import BackendCommandError
-from magi_gateway.core.ids import AgentId
+from magi_gateway.core.ids import AgentId, AppId
 from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
 
-__all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "Liveness"]
+__all__ = ["ACTIVE_APP_MS", "REQUEST_STREAM_TTL_MS", "AgentStats", "Liveness", "active_apps"]
 
 #: A request stream nobody writes to or serves for a day expires (with its group).
 REQUEST_STREAM_TTL_MS = 24 * 3600 * 1000
+#: Workers read (and take over from) the streams of appids that queued a request for
+#: the agent this recently; longer than any sane judgement timeout.
+ACTIVE_APP_MS = 3600 * 1000
+
+
+async def active_apps(
+    redis: RedisClient, keys: Keys, agent_ids: Sequence[AgentId]
+) -> dict[AgentId, list[AppId]]:
+    """The appids with requests for each agent lately (``ACTIVE_APP_MS``), in a stable order."""
+    since = now_ms() - ACTIVE_APP_MS
+    with redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            for agent_id in agent_ids:
+                pipe.zrangebyscore(keys.request_apps(agent_id), since, "+inf")
+            replies: list[Any] = await pipe.execute()
+    return {
+        agent_id: sorted(AppId(a.decode()) for a in apps)
+        for agent_id, apps in zip(agent_ids, replies, strict=True)
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +77,8 @@ class Liveness:
                     pipe.zremrangebyscore(workers, "-inf", now)
                     self._extend_expiry(pipe, workers, ttl_ms * 3)
                     pipe.zadd(self.keys.agents, {agent_id: expires}, gt=True)
-                    # An agent's request stream lives as long as someone serves or asks it.
-                    pipe.pexpire(self.keys.requests(agent_id), REQUEST_STREAM_TTL_MS)
+                    # An agent's index of appids lives as long as someone serves or asks it.
+                    pipe.pexpire(self.keys.request_apps(agent_id), REQUEST_STREAM_TTL_MS)
                 pipe.zremrangebyscore(self.keys.agents, "-inf", now)
                 self._extend_expiry(pipe, self.keys.agents, ttl_ms * 3)
                 await pipe.execute()
@@ -92,26 +111,34 @@ class Liveness:
     async def agent_stats(self) -> dict[AgentId, AgentStats]:
         """Queue state of every agent with a live worker (``XINFO GROUPS`` of its stream)."""
         live = await self.live_agents()
+        apps = await active_apps(self.redis, self.keys, list(live))
         stats: dict[AgentId, AgentStats] = {}
         for agent_id, workers in live.items():
             lag = pending = 0
-            try:
-                with redis_errors():
-                    groups: Any = await self.redis.xinfo_groups(self.keys.requests(agent_id))
-            except BackendCommandError as exc:
-                if not (isinstance(exc.__cause__, ResponseError) and "no such key" in str(exc.__cause__)):
-                    raise
-                groups = []  # no stream yet: nothing queued
-            for group in groups:
-                if group["name"] == WORKER_GROUP.encode():
-                    pending = int(group["pending"])
-                    if group.get("lag") is not None:
-                        lag = int(group["lag"])
-                    else:  # not computable after some deletions: what is left is pending or new
-                        with redis_errors():
-                            lag = max(int(await self.redis.xlen(self.keys.requests(agent_id))) - pending, 0)
+            for appid in apps[agent_id]:
+                stream_lag, stream_pending = await self._stream_stats(self.keys.requests(agent_id, appid))
+                lag, pending = lag + stream_lag, pending + stream_pending
             stats[agent_id] = AgentStats(workers=workers, lag=lag, pending=pending)
         return stats
+
+    async def _stream_stats(self, stream: str) -> tuple[int, int]:
+        """(lag, pending) of one request stream's worker group."""
+        try:
+            with redis_errors():
+                groups: Any = await self.redis.xinfo_groups(stream)
+        except BackendCommandError as exc:
+            if not (isinstance(exc.__cause__, ResponseError) and "no such key" in str(exc.__cause__)):
+                raise
+            return 0, 0  # no stream (any more): nothing queued
+        for group in groups:
+            if group["name"] == WORKER_GROUP.encode():
+                pending = int(group["pending"])
+                if group.get("lag") is not None:
+                    return int(group["lag"]), pending
+                # Not computable after some deletions: what is left is pending or new.
+                with redis_errors():
+                    return max(int(await self.redis.xlen(stream)) - pending, 0), pending
+        return 0, 0
 
     async def live_agents(self) -> dict[AgentId, int]:
         """Agents with at least one live worker, and how many."""

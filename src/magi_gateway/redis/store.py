@@ -351,21 +351,13 @@ class Store:
         deadline_ms: int,
         appid: AppId,
     ) -> None:
-        """Add a request to the agent's stream for its workers' consumer group."""
-        stream = self.keys.requests(agent_id)
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.xadd(
-                    stream,
-                    {
-                        "sid": session_id,
-                        "agent": agent_id,
-                        "input": user_input,
-                        "deadline_ms": deadline_ms,
-                        "appid": appid,
-                    },
-                    maxlen=self.request_stream_maxlen,
-                    approximate=True,
-                )
-                pipe.pexpire(stream, REQUEST_STREAM_TTL_MS)
-                await pipe.execute()
+        """Add a request to the agent's stream for ``appid``, outside any intake mark."""
+        intake = PendingIntake(session_id, appid, (agent_id,), user_input, deadline_ms)
+        await self.intake.enqueue(intake, marked=False)
+
+
+def _unavailable(cause: Exception) -> BackendUnavailable:
+    """A Redis failure as the ``BackendUnavailable`` callers retry."""
+    failure = BackendUnavailable("Backend temporarily unavailable")
+    failure.__cause__ = cause
+    return failure

@@ -16,14 +16,13 @@ import logging
 
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway.core.errors import BackendUnavailable
-from magi_gateway.core.ids import SessionId
 from magi_gateway.redis.requests import Request, RequestQueue
 
 __all__ = ["RequestFinisher"]
 
 logger = logging.getLogger(__name__)
 
-_Entry = tuple[Request, SessionId | None, "asyncio.Future[None]"]
+_Entry = tuple[Request, Request | None, "asyncio.Future[None]"]
 
 
 class RequestFinisher:
@@ -39,7 +38,7 @@ class RequestFinisher:
     async def finish(self, request: Request, *, completed: bool = False) -> None:
         """Acknowledge ``request`` (and clear its session's deadline when ``completed``)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((request, request.session_id if completed else None, done))
+        self._waiting.append((request, request if completed else None, done))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="magi-request-finisher")
         await done
@@ -56,9 +55,8 @@ class RequestFinisher:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 try:
-                    await self.queue.finish(
-                        [request for request, _, _ in batch], [sid for _, sid, _ in batch if sid is not None]
-                    )
+                    completed = [done for _, done, _ in batch if done is not None]
+                    await self.queue.finish([request for request, _, _ in batch], completed)
                 except BackendUnavailable:
                     logger.warning("could not acknowledge %d requests; they will be taken over", len(batch))
                 self.round_trips += 1

@@ -89,7 +89,9 @@ class Worker:
         self.appender = ChunkAppender(self.store, Backoff.for_settings(self.settings))
         self.finisher = RequestFinisher(self.queue)
         self.claim_idle_ms = int(self.settings.worker_claim_idle_s * 1000)
-        self._jobs: dict[bytes, _Job] = {}
+        #: By (stream, entry id): entry ids are unique per stream only (one script call
+        #: queues a session's requests for several agents in the same millisecond).
+        self._jobs: dict[tuple[str, bytes], _Job] = {}
         self._slot_freed = asyncio.Event()
         self._stopping = asyncio.Event()
         self._last_claim = 0.0
@@ -184,11 +186,11 @@ class Worker:
             return []
         self._last_claim = now
         taken: list[tuple[Request, int]] = []
-        for agent_id in self.agents:
-            for entry in await self.queue.stale(agent_id, count, self.claim_idle_ms):
-                if entry.message_id in self._jobs:
+        for stream in await self.queue.streams():
+            for entry in await self.queue.stale(stream, count, self.claim_idle_ms):
+                if (stream.key, entry.message_id) in self._jobs:
                     continue  # ours and running; its refresh was merely late
-                request = await self.queue.claim(agent_id, entry.message_id, self.claim_idle_ms)
+                request = await self.queue.claim(stream, entry.message_id, self.claim_idle_ms)
                 if request is None:
                     continue  # another worker was faster, or the entry is gone
                 attempt = entry.times_delivered + 1
@@ -265,11 +267,12 @@ class Worker:
             max_chunk_bytes=self.settings.max_chunk_bytes,
         )
         task = asyncio.create_task(self._serve(request, ctx, stream), name=f"serve-{request.session_id}")
-        self._jobs[request.message_id] = _Job(request, ctx, task)
-        task.add_done_callback(lambda t: self._served(request.message_id, t))
+        key = (self.queue.stream_of(request), request.message_id)
+        self._jobs[key] = _Job(request, ctx, task)
+        task.add_done_callback(lambda t: self._served(key, t))
 
-    def _served(self, message_id: bytes, task: asyncio.Task[None]) -> None:
-        self._jobs.pop(message_id, None)
+    def _served(self, key: tuple[str, bytes], task: asyncio.Task[None]) -> None:
+        self._jobs.pop(key, None)
         self._slot_freed.set()
         self.processed += 1
         if not task.cancelled() and (exc := task.exception()) is not None:

@@ -1,15 +1,29 @@
 -- Queue a session's requests, once: whoever removes the session's intake mark (the
 -- gateway that opened it, or any instance's repair sweep) writes its requests.
 --
--- KEYS: unqueued unqueued_due stream...   (all in the deployment's {P} hash slot)
--- ARGV: session_id maxlen stream_ttl_ms appid user_input deadline_ms agent...
---   one agent per stream, in the same order
--- Returns 1 when this call queued the requests, 0 when another call did (or nobody must).
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('ZREM', KEYS[2], ARGV[1])
-for i = 3, #KEYS do
-  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[2], '*',
-    'sid', ARGV[1], 'agent', ARGV[i + 4], 'input', ARGV[5], 'deadline_ms', ARGV[6], 'appid', ARGV[4])
-  redis.call('PEXPIRE', KEYS[i], ARGV[3])
+-- KEYS: unqueued unqueued_due, then per agent: stream apps   (all in the {P} slot)
+--   stream  the agent's request stream for this appid (created with its group)
+--   apps    the agent's appids with requests lately (score: last queued, ms)
+-- ARGV: session_id maxlen stream_ttl_ms appid user_input deadline_ms now_ms active_ms
+--       marked agent...   (one agent per key pair, in the same order)
+--   marked  '1': only if the intake mark is there (and remove it); '0': regardless
+-- Returns 1 when this call queued the requests, 0 when another call did.
+if ARGV[9] == '1' then
+  if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+  redis.call('ZREM', KEYS[2], ARGV[1])
+end
+local now = tonumber(ARGV[7])
+local agent = 10
+for i = 3, #KEYS, 2 do
+  local stream, apps = KEYS[i], KEYS[i + 1]
+  if redis.call('EXISTS', stream) == 0 then
+    redis.call('XGROUP', 'CREATE', stream, 'workers', '0', 'MKSTREAM')
+  end
+  redis.call('XADD', stream, 'MAXLEN', '~', ARGV[2], '*',
+    'sid', ARGV[1], 'agent', ARGV[agent], 'input', ARGV[5], 'deadline_ms', ARGV[6], 'appid', ARGV[4])
+  redis.call('ZADD', apps, now, ARGV[4])
+  redis.call('ZREMRANGEBYSCORE', apps, '-inf', now - tonumber(ARGV[8]))
+  for _, key in ipairs({stream, apps}) do redis.call('PEXPIRE', key, ARGV[3]) end
+  agent = agent + 1
 end
 return 1
