@@ -87,3 +87,36 @@ async def test_session_creation_rate_per_appid_holds_across_instances(
     # Ten at once: three per one-second window (two windows if the burst straddles one).
     assert 3 <= len(accepted) <= 6, replies
     assert len(accepted) + len(refused) == 10
+
+
+@agent("prompt")
+async def prompt(user_input: str, ctx: Context) -> Judgement:
+    """Answers at once."""
+    await ctx.think("thinking")
+    return Judgement("done", decision="approve")
+
+
+async def test_a_session_its_worker_completes_stops_counting(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, redis_client: Redis
+) -> None:
+    # The worker writes the last final and takes the session out of the deadline sweep and
+    # out of its appid's running sessions in its batched finish: with a limit of one, one
+    # judgement after another never meets too_many_sessions.
+    capped = settings.model_copy(update={"max_sessions_per_app": 1})
+    handle = await start_gateway(capped)
+    await start_worker([prompt])
+    running = Keys(settings.redis_key_prefix).app_running("app-z")
+    ws = await handle.connect("app-z")
+    try:
+        for _ in range(5):
+            await send(ws, judgement_message(["prompt"]))
+            while (message := await recv(ws)).get("type") != "agent_judgement_complete":
+                assert "error" not in message, message
+            # The completion is written before the worker's finish: wait for that round trip.
+            for _ in range(100):
+                if await redis_client.zcard(running) == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert await redis_client.zcard(running) == 0
+    finally:
+        await ws.close()
