@@ -209,7 +209,23 @@ def test_redis_key_names_only_in_keys_module(path: Path) -> None:
 #: One concept per module, about 350 lines at most (STYLE.md).
 _MAX_LINES = 350
 #: Longer modules, each with its bound and its reason.
-_LONGER: dict[str, tuple[int, str]] = {}
+_LONGER: dict[str, tuple[int, str]] = {
+    "magi_gateway.client": (
+        420,
+        "MagiClient is one state machine (connect, resume, match replies, reconnect);"
+        " its token handling is already in _client_tokens",
+    ),
+    "magi_gateway.redis.store": (
+        380,
+        "a session's keys and its one append script: create, append, complete and read;"
+        " deadlines, signals, chunks, intake and idempotency are split out",
+    ),
+    "magi_gateway.worker.runner": (
+        380,
+        "one worker's lifecycle: read in turn, take over, cancel, serve, drain;"
+        " chunks and acks are split out (appender, _finisher)",
+    ),
+}
 
 
 @pytest.mark.parametrize("path", ALL_MODULES, ids=_module_name)
