@@ -330,7 +330,7 @@ async def test_an_agent_that_streams_before_the_cancel_notice_arrives_sees_a_can
         await asyncio.wait_for(sloth.stopped.wait(), 5)
         assert sloth.outcome == "cancelled"
         assert sloth.ctx_cancelled is True
-        stream = Keys(store.keys.prefix).requests("sloth")
+        stream = Keys(store.keys.prefix).requests(AgentId("sloth"), AppId(APPID))
 
         async def acknowledged() -> bool:
             return (await redis_client.xpending(stream, WORKER_GROUP))["pending"] == 0

@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from magi_gateway import Context, Judgement, agent
+from magi_gateway.core.ids import AgentId, AppId
 from magi_gateway.core.output_limits import checked_final, split_thinking
 from magi_gateway.core.session import ResultCode
 from magi_gateway.redis.keys import WORKER_GROUP, Keys
@@ -20,7 +21,7 @@ from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Agent
 
 from ._delivery_helpers import eventually
-from ._support import GatewayHandle, assert_well_formed, judge
+from ._support import APPID, GatewayHandle, assert_well_formed, judge
 
 StartWorker = Callable[..., Awaitable[Worker]]
 
@@ -135,7 +136,7 @@ async def test_an_unencodable_final_is_an_agent_error_at_once(
     final = record.finals["careless"]
     assert final["result_code"] == 1
     assert "cannot be encoded" in final["data"]["error"]
-    stream = Keys(settings.redis_key_prefix).requests("careless")
+    stream = Keys(settings.redis_key_prefix).requests(AgentId("careless"), AppId(APPID))
 
     async def acknowledged() -> bool:
         return (await redis_client.xpending(stream, WORKER_GROUP))["pending"] == 0

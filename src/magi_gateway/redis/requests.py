@@ -34,9 +34,11 @@ from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, active_apps
 __all__ = ["Request", "RequestQueue", "RequestStream", "StaleRequest"]
 
 #: How often a busy worker looks for appids that started queueing (an idle one: each wait).
-_INDEX_REFRESH_S = 0.2
-#: An idle worker's blocking read; then it looks for new appids again.
-_IDLE_BLOCK_MS = 200
+_INDEX_REFRESH_S = 0.05
+#: An idle worker's blocking read; then it looks for new appids again. It bounds the wait
+#: of an appid's first request after a quiet spell, and how soon an idle worker helps a
+#: busy one with an appid it did not know: 50 ms (two small commands per wait).
+_IDLE_BLOCK_MS = 50
 
 
 @dataclass(frozen=True, slots=True)
