@@ -104,3 +104,37 @@ async def test_chunks_wait_out_an_outage_in_order_and_a_full_queue_makes_put_wai
 @pytest.fixture
 def store(redis_client: Any, settings: Settings) -> Store:
     return Store(redis_client, Keys(settings.redis_key_prefix))
+
+
+async def test_chunks_redis_refuses_close_the_stream_instead_of_retrying(
+    settings: Settings, store: Store
+) -> None:
+    # Bad data under the session's log (WRONGTYPE for its XADD) cannot be cured by
+    # retrying (#12 item 6): the stream closes, the agent's next think raises, and the
+    # request ends instead of retrying its chunks forever.
+    outcome: list[str] = []
+
+    @agent("spoiled")
+    async def spoiled(user_input: str, ctx: Context) -> Judgement:
+        await ctx.think("first")  # written: the script is loaded, the pipeline path is taken
+        log = store.keys.session(ctx.session_id).log
+        for _ in range(100):
+            if await store.redis.xlen(log) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        await store.redis.delete(log)
+        await store.redis.set(log, "not a stream", px=60_000)
+        try:
+            for i in range(50):
+                await ctx.think(f"chunk {i}")
+                await asyncio.sleep(0.01)
+        except Exception as exc:  # the SDK's exception for a closed judgement
+            outcome.append(type(exc).__name__)
+            raise
+        outcome.append("finished")
+        return Judgement("never logged", decision="approve")
+
+    await queue_sessions(store, "spoiled", ["x"])
+    worker = Worker([spoiled], settings, burst=True)
+    await run_burst(worker, timeout=20)
+    assert outcome == ["JudgementClosed"]

@@ -18,10 +18,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.notification import notify_prefix
-from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.client import RedisClient, gateway_error, redis_errors
 from magi_gateway.redis.keys import Keys
 
 __all__ = ["ChunkRun", "ChunkWriter"]
@@ -40,12 +40,14 @@ class ChunkWriter:
         self.keys = keys
         self._script = redis.register_script(_APPEND_CHUNKS_LUA)
 
-    async def append_runs(self, runs: Sequence[ChunkRun]) -> list[list[int] | BackendUnavailable]:
+    async def append_runs(self, runs: Sequence[ChunkRun]) -> list[list[int] | GatewayError]:
         """Append ``runs`` in one round trip, in order.
 
         Each outcome is one code per chunk of its run: the chunk's seq, or negative when
         the session refused it (gone, completed, agent not pending, log full); or the
-        ``BackendUnavailable`` that failed the run's session. (When the connection drops
+        ``BackendUnavailable`` that failed the run's session (retried), or the
+        ``BackendCommandError`` of a command Redis refuses (never retried: retrying cannot
+        cure bad data under the session's keys). (When the connection drops
         mid-pipeline nobody knows which appends ran: all fail, and a retry may log some
         twice, as a single chunk whose reply was lost.)
         """
@@ -64,19 +66,20 @@ class ChunkWriter:
                     for _, (keys, args) in calls:
                         pipe.evalsha(self._script.sha, len(keys), *keys, *args)
                     replies = await pipe.execute(raise_on_error=False)
-        outcomes: list[list[int] | BackendUnavailable] = [BackendUnavailable("not appended")] * len(runs)
+        not_appended: GatewayError = BackendUnavailable("not appended")
+        outcomes: list[list[int] | GatewayError] = [not_appended] * len(runs)
         for (sid, (keys, args)), reply in zip(calls, replies, strict=True):
             if isinstance(reply, NoScriptError):
                 # The script is not loaded (a new or restarted server): the Script object loads it.
                 try:
                     reply = await self._run(keys, args)
-                except BackendUnavailable as exc:
+                except (BackendUnavailable, BackendCommandError) as exc:
                     reply = exc
             indexes = by_session[sid]
             if isinstance(reply, BaseException):
                 if not isinstance(reply, Exception):
                     raise reply  # CancelledError and the like: not an outcome
-                failure = reply if isinstance(reply, BackendUnavailable) else _unavailable(reply)
+                failure = reply if isinstance(reply, GatewayError) else gateway_error(reply)
                 for index in indexes:
                     outcomes[index] = failure
                 continue
@@ -102,10 +105,3 @@ class ChunkWriter:
         with redis_errors():
             reply: list[int] = await self._script(keys=keys, args=args)
         return reply
-
-
-def _unavailable(cause: Exception) -> BackendUnavailable:
-    """A Redis failure as the ``BackendUnavailable`` callers retry."""
-    failure = BackendUnavailable("Backend temporarily unavailable")
-    failure.__cause__ = cause
-    return failure

@@ -20,7 +20,7 @@ import orjson
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendUnavailable, GatewayError
 from magi_gateway.core.frames import SessionFrameType
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 from magi_gateway.core.notification import notify_prefix
@@ -241,13 +241,13 @@ class Store:
     ) -> AppendResult:
         """Append a thinking chunk; dropped once the agent has its final or the log is full."""
         (outcome,) = await self.append_streams([(session_id, agent_id, frames.stream_tail(agent_id, data))])
-        if isinstance(outcome, BackendUnavailable):
+        if isinstance(outcome, GatewayError):
             raise outcome
         return outcome
 
     async def append_streams(
         self, chunks: Sequence[tuple[SessionId, AgentId, bytes]]
-    ) -> list[AppendResult | BackendUnavailable]:
+    ) -> list[AppendResult | GatewayError]:
         """Append encoded chunks (``frames.stream_tail``) in one round trip, in order.
 
         One outcome per chunk, so a failure fails only its own session's chunks (see
@@ -255,7 +255,7 @@ class Store:
         """
         outcomes = await self.chunks.append_runs([(sid, agent, (tail,)) for sid, agent, tail in chunks])
         return [
-            outcome if isinstance(outcome, BackendUnavailable) else AppendResult(max(outcome[0], 0) or None)
+            outcome if isinstance(outcome, GatewayError) else AppendResult(max(outcome[0], 0) or None)
             for outcome in outcomes
         ]
 

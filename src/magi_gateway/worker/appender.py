@@ -39,7 +39,7 @@ import orjson
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendUnavailable
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.redis.chunks import ChunkRun
 from magi_gateway.redis.store import AppendResult, Store
@@ -156,7 +156,11 @@ class ChunkStream:
                 self.queued_bytes += sum(map(len, tails))
                 retry = True
             else:
-                self.close()  # a bug, logged by the appender: these chunks are lost
+                # A command Redis refuses (bad data under the session's keys) or a bug:
+                # retrying cannot help. The stream closes; the agent's next think raises.
+                if isinstance(outcome, BackendCommandError):
+                    logger.error("Redis refused chunks of a session: %s", outcome.__cause__)
+                self.close()
         else:
             if self._outcome is not None and not self._outcome.done():
                 self._outcome.set_result(AppendResult(outcome[0] if outcome[0] > 0 else None))
