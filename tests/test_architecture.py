@@ -255,3 +255,10 @@ def test_import_contracts_hold() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" not in result.stdout.lower().replace("0 broken", "")
+
+
+def test_the_command_line_loads_without_the_bench_extra() -> None:
+    """``pip install -e .`` then ``magi-gateway up``: picows comes only with [bench]/[test]."""
+    code = "import sys; sys.modules['picows'] = None; import magi_gateway.cli.main"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

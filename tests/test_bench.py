@@ -23,7 +23,7 @@ import websockets
 
 from magi_gateway.agents.bench import BenchAgent, chunk_sent_ns
 from magi_gateway.bench._stats import Histogram
-from magi_gateway.bench.limit import ready_key
+from magi_gateway.bench.limit_keys import ready_key
 from magi_gateway.embedded import free_port
 
 RELAY_KEYS = [

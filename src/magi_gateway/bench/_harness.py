@@ -33,7 +33,7 @@ from magi_gateway.bench._procs import (
     wait_http_ok,
     wait_tcp,
 )
-from magi_gateway.bench.limit import ready_key
+from magi_gateway.bench.limit_keys import ready_key
 from magi_gateway.bench.loadgen import LoadgenConfig, config_json, write_json
 from magi_gateway.core.ids import AgentId
 from magi_gateway.embedded import LocalCluster, RedisServer, free_port

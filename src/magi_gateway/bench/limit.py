@@ -22,43 +22,17 @@ import itertools
 import secrets
 import signal
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
+from magi_gateway.bench.limit_keys import frames_channel, redis_address, requests_key
 from magi_gateway.bench.limit_resp import RespConnection
 
-__all__ = ["LimitGateway", "frames_channel", "main", "ready_key", "redis_address", "requests_key"]
+__all__ = ["LimitGateway", "main"]
 
 _COMPLETE_PREFIX = b'{"type":"agent_judgement_complete"'
 _MAX_FRAME = 16 * 1024 * 1024
-
-
-# The baseline's own key names (it may not use the product's keys module), all here.
-def _key(prefix: str, *parts: bytes) -> bytes:
-    return b":".join((prefix.encode(), b"limit", *parts))
-
-
-def requests_key(prefix: str) -> bytes:
-    """The list the gateways push session ids on and the workers pop them from."""
-    return _key(prefix, b"requests")
-
-
-def frames_channel(prefix: str, gateway_id: bytes) -> bytes:
-    """The channel the worker publishes a gateway's frames on."""
-    return _key(prefix, b"frames", gateway_id)
-
-
-def ready_key(prefix: str, name: str) -> bytes:
-    """The key a baseline worker sets once it is connected."""
-    return _key(prefix, b"ready", name.encode())
-
-
-def redis_address(url: str) -> tuple[str, int]:
-    """Host and port of a ``redis://host:port`` URL."""
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 6379
 
 
 class LimitGateway:

@@ -22,7 +22,7 @@ import contextlib
 import signal
 import time
 
-from magi_gateway.bench.limit import frames_channel, ready_key, redis_address, requests_key
+from magi_gateway.bench.limit_keys import frames_channel, ready_key, redis_address, requests_key
 from magi_gateway.bench.limit_resp import RespConnection
 
 __all__ = ["LimitWorker", "main"]
