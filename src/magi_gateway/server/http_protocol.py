@@ -32,7 +32,6 @@ without an answer. This subclass adds, per connection:
 from __future__ import annotations
 
 import asyncio
-import http
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +41,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from magi_gateway.server import metrics
+from magi_gateway.server.plain_http import plain_response
 from magi_gateway.settings import Settings
 
 __all__ = ["EdgeLimits", "GatewayHttpProtocol", "http_protocol"]
@@ -191,17 +191,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refusal = (status, message)
         self._disarm_head_timer()
         metrics.EDGE_REFUSALS.labels("too_many_connections" if status == 503 else "head_too_large").inc()
-        body = message.encode()
-        head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n".encode()]
-        for name, value in self.server_state.default_headers:
-            head.append(name + b": " + value + b"\r\n")
+        headers = list(self.server_state.default_headers)
         if status == 503:
-            head.append(b"retry-after: 1\r\n")
-        head.append(
-            b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-            % len(body)
-        )
-        self.transport.write(b"".join(head) + body)
+            headers.append((b"retry-after", b"1"))
+        self.transport.write(plain_response(status, message, headers))
         if not self.transport.can_write_eof():
             self.transport.close()
             return

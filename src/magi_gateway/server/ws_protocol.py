@@ -37,6 +37,7 @@ from magi_gateway.core.handshake import Admission, Refusal
 from magi_gateway.server import metrics
 from magi_gateway.server.gateway import Gateway
 from magi_gateway.server.outbox import Connection, skipped_bad_frame
+from magi_gateway.server.plain_http import plain_response
 
 __all__ = ["FastWebSocket", "fast_websocket_class"]
 
@@ -52,13 +53,6 @@ _WS_PATH = "/ws"
 def fast_websocket_class(gateway: Gateway, admission: Admission) -> type[FastWebSocket]:
     """The protocol class for ``uvicorn.Config(ws=...)``, bound to one gateway."""
     return type("BoundFastWebSocket", (FastWebSocket,), {"gateway": gateway, "admission": admission})
-
-
-def _http_response(status: str, body: bytes) -> bytes:
-    return (
-        b"HTTP/1.1 %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (status.encode(), len(body), body)
-    )
 
 
 class FastWebSocket(asyncio.Protocol):
@@ -144,14 +138,14 @@ class FastWebSocket(asyncio.Protocol):
         target = request_line.split(" ")[1] if request_line.count(" ") >= 2 else ""
         path, _, query = target.partition("?")
         if path != _WS_PATH:
-            self._refuse_http("404 Not Found", b"Not Found")
+            self._refuse_http(404, "Not Found")
             return
         key = headers.get("sec-websocket-key", "")
         if headers.get("sec-websocket-version") != "13" or not key:
-            self._refuse_http("400 Bad Request", b"Unsupported WebSocket version or missing key")
+            self._refuse_http(400, "Unsupported WebSocket version or missing key")
             return
         if self.admission.check_origin(headers.get("origin")) is not None:
-            self._refuse_http("403 Forbidden", b"Origin not allowed")
+            self._refuse_http(403, "Origin not allowed")
             return
         if forwarded and self.config.proxy_headers:
             trusted = _trusted_hosts(self.config.forwarded_allow_ips)
@@ -184,10 +178,10 @@ class FastWebSocket(asyncio.Protocol):
         if rest:
             self.data_received(rest)
 
-    def _refuse_http(self, status: str, body: bytes) -> None:
+    def _refuse_http(self, status: int, message: str) -> None:
         assert self.transport is not None
         self._closing = True
-        self.transport.write(_http_response(status, body))
+        self.transport.write(plain_response(status, message, self.server_state.default_headers))
         self.transport.close()
 
     def _refuse(self, refusal: Refusal) -> None:
