@@ -50,6 +50,18 @@ def store(redis_client: Redis, settings: Settings) -> Store:
     return Store(redis_client, Keys(settings.redis_key_prefix), retention_s=settings.session_retention_s)
 
 
+@pytest.fixture
+async def byte_bounded(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker
+) -> tuple[GatewayHandle, Gateway]:
+    """A gateway bounded by bytes, not frames, and a worker writing a session of ~8 MB."""
+    limited = settings.model_copy(update={"max_outbound_messages": 100_000, "max_outbound_bytes": MAX_BYTES})
+    handle = await start_gateway(limited)
+    assert handle.gateway is not None
+    await start_worker([BenchAgent(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)], settings=limited)
+    return handle, handle.gateway
+
+
 def resume(session_id: str, last_seq: int) -> dict[str, Any]:
     return {"type": "resume", "session_id": session_id, "last_seq": last_seq}
 
@@ -86,14 +98,9 @@ async def sample_until_settled(
 
 
 async def test_a_client_that_never_reads_stays_bounded_through_many_resumes(
-    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, store: Store
+    byte_bounded: tuple[GatewayHandle, Gateway], store: Store
 ) -> None:
-    # Frames are not the bound here: bytes are.
-    limited = settings.model_copy(update={"max_outbound_messages": 100_000, "max_outbound_bytes": MAX_BYTES})
-    handle = await start_gateway(limited)
-    gateway = handle.gateway
-    assert gateway is not None
-    await start_worker([BenchAgent(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)], settings=limited)
+    handle, gateway = byte_bounded
     async with websockets.connect(handle.ws_url(), max_size=None) as ws:
         assert (await recv(ws))["type"] == "connection_established"
         session = await judge(ws, ["bench"], timeout=30)
@@ -122,13 +129,9 @@ async def test_a_client_that_never_reads_stays_bounded_through_many_resumes(
 
 
 async def test_live_output_past_the_byte_bound_closes_a_client_that_does_not_read_1013(
-    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, store: Store
+    byte_bounded: tuple[GatewayHandle, Gateway], store: Store
 ) -> None:
-    limited = settings.model_copy(update={"max_outbound_messages": 100_000, "max_outbound_bytes": MAX_BYTES})
-    handle = await start_gateway(limited)
-    gateway = handle.gateway
-    assert gateway is not None
-    await start_worker([BenchAgent(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)], settings=limited)
+    handle, gateway = byte_bounded
     ws = await stalled_connection(handle)
     async with ws:
         connection = gateway._connections[(await recv(ws))["connection_id"]]
