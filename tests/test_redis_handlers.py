@@ -104,6 +104,33 @@ async def test_create_session_writes_accepted_at_seq_1(store: Store, keys: Keys,
     assert not info.completed
 
 
+async def test_a_session_is_created_with_its_accepted_in_one_command(
+    store: Store, keys: Keys, redis_client: Redis
+) -> None:
+    # A gateway killed between two commands must not leave a session without its seq 1
+    # (one the client's retry is answered by but never recognises): the one command that
+    # creates the session's keys also writes agent_judgement_accepted.
+    session_id = new_session_id()
+    session = keys.session(session_id)
+    marker = uuid.uuid4().hex
+    async with redis_client.monitor() as monitor:
+        await store.create_session(session_id, APP, OWNER, AGENTS, now_ms() + TIMEOUT_MS, "rid-8")
+        await redis_client.echo(marker)
+        seen: list[str] = []
+        while marker not in (seen[-1] if seen else ""):
+            command = await asyncio.wait_for(monitor.next_command(), 10)
+            if command.get("client_type") != "lua":  # what the scripts do inside
+                seen.append(str(command["command"]))
+    creating = [command for command in seen if session.meta in command]
+    assert len(creating) == 1, creating
+    assert session.log in creating[0]
+    assert "agent_judgement_accepted" in creating[0]
+    assert [e[0] for e in await redis_client.xrange(session.log)] == [b"0-1"]
+    info = await store.session_info(session_id)
+    assert info is not None
+    assert info.pending == frozenset(AGENTS)
+
+
 async def test_appends_allocate_consecutive_seqs_and_frames_start_with_type_session_seq(
     store: Store, keys: Keys, redis_client: Redis
 ) -> None:

@@ -20,7 +20,7 @@ import orjson
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendUnavailable, GatewayError
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
 from magi_gateway.core.frames import SessionFrameType
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 from magi_gateway.core.notification import notify_prefix
@@ -112,7 +112,10 @@ class Store:
         *,
         intake: PendingIntake | None = None,
     ) -> None:
-        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1).
+        """Create the session's keys and write ``agent_judgement_accepted`` (seq 1), in one
+        script call: a session never exists without its first message (a gateway killed
+        between two steps used to leave one that a retried request was answered by, but
+        whose client never saw it accepted).
 
         The appid's limits are checked first (``TooManySessions``, ``RateLimited``), and
         the deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
@@ -120,36 +123,29 @@ class Store:
         swept at its deadline, and its requests are queued even if the caller fails
         before ``intake.enqueue``.
         """
-        keys = self.keys.session(session_id)
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
-        # The deadline set is one key for all sessions, so not in the transaction below
-        # (which stays on the session's hash slot). Over an appid limit: raises, nothing written.
+        # The deadline set is one key for all sessions, so not in the script below (which
+        # stays on the session's hash slot). Over an appid limit: raises, nothing written.
         await self.intake.admit(session_id, appid, deadline_ms, ttl_ms, intake, self.app_limits)
+        meta: dict[str, str | int | bytes] = {
+            "appid": appid,
+            "owner": owner,
+            "agents": orjson.dumps(list(agent_ids)),
+            "deadline_ms": deadline_ms,
+            "request_id": request_id or "",
+            "ttl_ms": ttl_ms,
+            "retention_ms": self.retention_ms,
+            "max_msgs": self.max_session_messages,
+        }
+        tail = frames.accepted_tail(tuple(agent_ids), request_id)
+        fields: list[str | int | bytes] = [item for pair in meta.items() for item in pair]
+        args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), len(fields)]
         with redis_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(
-                    keys.meta,
-                    mapping={
-                        "appid": appid,
-                        "owner": owner,
-                        "agents": orjson.dumps(list(agent_ids)),
-                        "deadline_ms": deadline_ms,
-                        "request_id": request_id or "",
-                        "ttl_ms": ttl_ms,
-                        "retention_ms": self.retention_ms,
-                        "max_msgs": self.max_session_messages,
-                    },
-                )
-                pipe.sadd(keys.pending, *agent_ids)
-                pipe.pexpire(keys.meta, ttl_ms)
-                pipe.pexpire(keys.pending, ttl_ms)
-                await pipe.execute()
-        await self._run_append(
-            session_id,
-            "any",
-            "agent_judgement_accepted",
-            frames.accepted_tail(tuple(agent_ids), request_id),
-        )
+            reply = await self._append(
+                keys=self.keys.session(session_id).all(), args=[*args, *fields, *agent_ids]
+            )
+        if reply[0] < 0:  # session ids are random: an existing one is a defect, not a retry
+            raise BackendCommandError(f"session {session_id} not created ({reply[0]})")
 
     async def session_info(self, session_id: SessionId) -> SessionInfo | None:
         """The session's metadata, or None when unknown or expired."""

@@ -2,19 +2,28 @@
 -- session message (accepted, stream, final, complete).
 --
 -- KEYS: log seq meta pending results
--- ARGV: mode type head tail agent_id result_json channel_prefix notify_prefix
---   mode           'any' | 'stream' | 'final' | 'complete'
+-- ARGV: mode type head tail agent_id result_json channel_prefix notify_prefix [n meta... agents...]
+--   mode           'create' | 'stream' | 'final' | 'complete'
+--                  ('create' writes the session, meta and pending, with its first message
+--                  in one step: no session exists without its agent_judgement_accepted;
+--                  ARGV[9] = n, then n meta fields and values, then the agents)
 --   type           the message type, stored beside the frame and sent in the notification
 --   head           the frame up to its seq, built by core/frames.py
 --   tail           the frame after its seq (with the leading comma's object fields)
 --   notify_prefix  "SESSION_ID\n", the notification's first line (core/notification.py)
 -- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
--- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending.
+-- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending,
+-- -6 exists already (create).
 local meta = KEYS[3]
-if redis.call('EXISTS', meta) == 0 then return {-1} end
-if redis.call('HEXISTS', meta, 'completed') == 1 then return {-2} end
 local mode = ARGV[1]
-if mode == 'stream' then
+if mode == 'create' then
+  if redis.call('EXISTS', meta) == 1 then return {-6} end
+  local n = tonumber(ARGV[9])
+  redis.call('HSET', meta, unpack(ARGV, 10, 9 + n))
+  redis.call('SADD', KEYS[4], unpack(ARGV, 10 + n, #ARGV))
+elseif redis.call('EXISTS', meta) == 0 then return {-1}
+elseif redis.call('HEXISTS', meta, 'completed') == 1 then return {-2}
+elseif mode == 'stream' then
   if redis.call('SISMEMBER', KEYS[4], ARGV[5]) == 0 then return {-3} end
   local current = tonumber(redis.call('GET', KEYS[2]) or '0')
   if current >= tonumber(redis.call('HGET', meta, 'max_msgs')) then return {-4} end
