@@ -40,6 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
+from magi_gateway.redis.packing import with_hiredis_packing
 from magi_gateway.redis.sentinel import FailoverPool
 from magi_gateway.redis.urls import parse_cluster_url, parse_sentinel_url
 from magi_gateway.settings import Settings
@@ -98,6 +99,7 @@ def connect(
         socket_keepalive=True,
         client_name=client_name,
     )
+    pool.connection_class = with_hiredis_packing(pool.connection_class)
     return Redis.from_pool(pool)
 
 
