@@ -265,6 +265,7 @@ class Worker:
             sink=stream.put,
             was_cancelled=was_cancelled,
             max_chunk_bytes=self.settings.max_chunk_bytes,
+            request_fields=request.extra,
         )
         task = asyncio.create_task(self._serve(request, ctx, stream), name=f"serve-{request.session_id}")
         key = (self.queue.stream_of(request), request.message_id)
