@@ -274,6 +274,9 @@ def test_request_forwards_the_client_frames_other_fields() -> None:
     }
     named = json.loads(legacy_request(SID, AgentId("oldie"), "Tea?", {"agents": [{"agent_id": "x"}]}))
     assert named["agents"] == [{"agent_id": "oldie"}]
+    listed = json.loads(legacy_request(SID, AgentId("oldie"), "Tea?", agents_list=True))
+    assert listed["agents"] == [{"agent_id": "oldie"}]
+    assert "agents" not in json.loads(legacy_request(SID, AgentId("oldie"), "Tea?"))
 
 
 @pytest.mark.parametrize(

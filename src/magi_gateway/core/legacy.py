@@ -47,18 +47,24 @@ def decision_of(text: str) -> str | None:
 
 
 def legacy_request(
-    session_id: SessionId, agent_id: AgentId, user_input: str, fields: Mapping[str, Any] | None = None
+    session_id: SessionId,
+    agent_id: AgentId,
+    user_input: str,
+    fields: Mapping[str, Any] | None = None,
+    *,
+    agents_list: bool = False,
 ) -> bytes:
     """A request as the original gateway queued it: the client's message plus ``session_id``.
 
     ``fields`` are the client frame's other fields (``Context.request_fields``: its
     ``request_id``, ``request``, ``timestamp``, ...), forwarded as they came. The message
     is for one agent: ``agent_ids`` names it and so does ``agents`` when the client sent
-    that list (its entry for the agent, else ``{"agent_id": AGENT}``).
+    that list, or ``agents_list`` asks for it (the pub/sub-era backends read it): the
+    client's entry for the agent, else ``{"agent_id": AGENT}``.
     """
     fields = fields or {}
     message: dict[str, Any] = {"type": "agent_judgement", **fields, "agent_ids": [agent_id]}
-    agents = fields.get("agents")
+    agents = fields.get("agents", [] if agents_list else None)
     if isinstance(agents, list):
         mine = [a for a in agents if isinstance(a, dict) and a.get("agent_id") == agent_id]
         message["agents"] = mine[:1] or [{"agent_id": agent_id}]

@@ -29,12 +29,21 @@ from typing import Any, NoReturn
 
 import orjson
 
+from magi_gateway.core.errors import AgentError
 from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.core.output_limits import split_thinking
 from magi_gateway.core.protocol import AGENT_ID_PATTERN
 from magi_gateway.core.session import normalize_decision
 
-__all__ = ["Agent", "Context", "FunctionAgent", "Judgement", "JudgementClosed", "agent"]
+__all__ = [
+    "Agent",
+    "AgentUnavailable",
+    "Context",
+    "FunctionAgent",
+    "Judgement",
+    "JudgementClosed",
+    "agent",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,10 @@ class Judgement:
         if decision is not None:
             data["decision"] = decision
         return data
+
+
+class AgentUnavailable(AgentError):
+    """Raised by an agent whose backend cannot take the request: ``result_code`` 3, not 1."""
 
 
 class JudgementClosed(Exception):
