@@ -26,7 +26,7 @@ from magi_gateway.redis.keys import Keys
 from magi_gateway.settings import Settings
 from magi_gateway.worker.pubsub_bridge import PubSubBridge
 
-from ._support import GatewayHandle, assert_well_formed, judge
+from ._support import GatewayHandle, assert_well_formed, judge, spawn_process, stop_process
 
 AGENTS = ["sage", "seer", "scribe"]
 SID = SessionId("cd" * 16)
@@ -271,6 +271,26 @@ async def test_original_pubsub_backend_behind_the_gateway(
     assert bridge.routed == len(AGENTS) * (len(contents("sage", "Tea?")) + 2)
 
 
+async def test_several_bridges_each_keep_their_own_responses(
+    gateway: GatewayHandle,
+    start_bridge: StartBridge,
+    run_backend: Callable[[], Awaitable[list[tuple[str, dict[str, Any]]]]],
+) -> None:
+    """Every bridge hears every response; each relays those of the requests it serves."""
+    bridges = [await start_bridge(), await start_bridge()]
+    await run_backend()
+    async with await gateway.connect() as ws:
+        for n in range(4):
+            record = await judge(ws, AGENTS, f"question {n}")
+            assert_well_formed(record, AGENTS)
+            for agent_id in AGENTS:
+                assert thinking(record.messages, agent_id) == contents(agent_id, f"question {n}")
+            assert record.complete["data"]["verdict"] == "approve"
+    per_request = len(contents("sage", "")) + 2
+    assert sum(b.routed for b in bridges) == 4 * len(AGENTS) * per_request
+    assert sum(b.unrouted for b in bridges) == 4 * len(AGENTS) * per_request
+
+
 async def test_backend_errors_are_finals_with_result_code_1(
     gateway: GatewayHandle,
     start_bridge: StartBridge,
@@ -322,6 +342,40 @@ async def test_an_unanswered_request_ends_at_its_deadline(
         record = await judge(ws, AGENTS[:1], "silent")
     assert_well_formed(record, AGENTS[:1])
     assert record.finals[AGENTS[0]]["result_code"] == 2
+
+
+async def test_the_pubsub_bridge_command(
+    redis_url: str,
+    key_prefix: str,
+    bridge_settings: Settings,
+    gateway: GatewayHandle,
+    run_backend: Callable[[], Awaitable[list[tuple[str, dict[str, Any]]]]],
+) -> None:
+    """``magi-gateway pubsub-bridge --agents A,B`` as its own process, stopped by SIGTERM."""
+    await run_backend()
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_KEY_PREFIX": key_prefix,
+        "PUBSUB_CHANNEL_PREFIX": bridge_settings.pubsub_channel_prefix,
+    }
+    process = spawn_process(["pubsub-bridge", "--agents", ",".join(AGENTS[:2])], env)
+    try:
+        assert gateway.gateway is not None
+        liveness = gateway.gateway.store.liveness
+        for _ in range(300):
+            if all((await liveness.live_worker_counts(AGENTS[:2])).values()):
+                break
+            assert process.poll() is None, "the bridge exited"
+            await asyncio.sleep(0.05)
+        async with await gateway.connect() as ws:
+            record = await judge(ws, AGENTS[:2], "Biscuits?")
+        assert_well_formed(record, AGENTS[:2])
+        assert record.finals["sage"]["data"]["decision"] == "approve"
+        assert record.finals["seer"]["data"]["decision"] == "reject"
+        assert thinking(record.messages, "seer") == contents("seer", "Biscuits?")
+    finally:
+        await asyncio.to_thread(stop_process, process)
+    assert process.returncode == 0
 
 
 def test_pubsub_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

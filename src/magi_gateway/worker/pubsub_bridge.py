@@ -103,6 +103,7 @@ class PubSubBridge:
         self.channels = PubSubChannels(self.redis, Keys.pubsub(self.settings.pubsub_channel_prefix))
         self._awaited: dict[SessionId, dict[AgentId, _Awaited]] = {}
         self._subscribed = asyncio.Event()
+        self._stopping = asyncio.Event()
         #: Responses handed to the request they answer.
         self.routed = 0
         #: Responses for no request this bridge is serving (another bridge's, or too late).
@@ -114,18 +115,21 @@ class PubSubBridge:
         """Subscribe to the responses, then serve requests until ``stop`` (or idle, in burst mode)."""
         listener = asyncio.create_task(self._listen(), name="magi-pubsub-responses")
         try:
-            subscribed = asyncio.ensure_future(self._subscribed.wait())
-            await asyncio.wait({listener, subscribed}, return_when=asyncio.FIRST_COMPLETED)
-            subscribed.cancel()
+            # No request is taken before the subscription is in place: its answer would be lost.
+            waits = [asyncio.ensure_future(e.wait()) for e in (self._subscribed, self._stopping)]
+            await asyncio.wait({listener, *waits}, return_when=asyncio.FIRST_COMPLETED)
+            await cancel_and_wait(waits)
             if listener.done():
                 listener.result()  # it only ends by raising
-            await self.worker.run()
+            if not self._stopping.is_set():
+                await self.worker.run()
         finally:
             await cancel_and_wait([listener])
             await self.redis.aclose()
 
     def stop(self) -> None:
         """Ask ``run`` to finish: no new requests, running ones get the worker's grace."""
+        self._stopping.set()
         self.worker.stop()
 
     # -- requests ---------------------------------------------------------------------------
