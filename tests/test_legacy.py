@@ -34,6 +34,7 @@ from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.legacy import LegacyBridge
 from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import Context, Judgement, agent
 
 from . import agents_for_tests
 from ._support import GatewayHandle, assert_well_formed, judge
@@ -449,6 +450,26 @@ async def test_gateway_client_backend_behind_the_gateway(
         assert message["data"] == {"user_input": "Tea?"}
     await eventually(lambda: bridge.relayed == len(LEGACY) * (CHUNKS + 1))
     assert not bridge.dropped
+
+
+async def test_the_client_frames_fields_reach_any_worker(
+    gateway: GatewayHandle, start_worker: Callable[..., Awaitable[Worker]]
+) -> None:
+    """Through the intake mark and the request stream: ``ctx.request_fields``, as sent."""
+    received: list[dict[str, Any]] = []
+
+    @agent("fields")
+    async def fields(user_input: str, ctx: Context) -> Judgement:
+        received.append(ctx.request_fields)
+        return Judgement(user_input, decision="approve")
+
+    await start_worker([fields])
+    async with await gateway.connect() as ws:
+        await judge(ws, ["fields"], "Tea?")
+        extra = {"request": "<user_input>Tea?</user_input>", "timestamp": 1.5, "agents": [{"agent_id": "x"}]}
+        await judge(ws, ["fields"], "Tea?", request_id="r-9", **extra)
+        await judge(ws, ["fields"], "Tea?", data={"user_input": "Tea?", "locale": "en"})
+    assert received == [{}, {"request_id": "r-9", **extra}, {"data": {"locale": "en"}}]
 
 
 async def test_requests_reach_the_backend_oldest_first(
