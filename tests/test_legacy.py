@@ -19,14 +19,22 @@ import pytest
 import redis.asyncio as aioredis
 
 from magi_gateway._util import now_ms
-from magi_gateway.core.ids import AgentId, SessionId
-from magi_gateway.core.legacy import LegacyResponse, legacy_request, parse_legacy_response, resolve_agent
+from magi_gateway.core.ids import AgentId, AppId, SessionId
+from magi_gateway.core.legacy import (
+    LegacyResponse,
+    decision_of,
+    legacy_request,
+    parse_legacy_response,
+    resolve_agent,
+)
 from magi_gateway.core.session import ResultCode, new_session_id
+from magi_gateway.redis.intake import PendingIntake
 from magi_gateway.redis.keys import Keys, LegacyKeys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker.legacy import LegacyBridge
 from magi_gateway.worker.runner import Worker
+from magi_gateway.worker.sdk import Context, Judgement, agent
 
 from . import agents_for_tests
 from ._support import GatewayHandle, assert_well_formed, judge
@@ -116,11 +124,49 @@ async def original_backend(redis_url: str, lists: LegacyKeys, end: str = "left")
         await client.aclose()
 
 
+async def gateway_client_backend(redis_url: str, lists: LegacyKeys, seen: list[dict[str, Any]]) -> None:
+    """A backend on the list-era ``GatewayClient``: fields at the top level, not under ``data``.
+
+    Chunks carry ``content``; the final its ``result``; the verdict is a ``<decision>`` tag
+    in the text, as the original agents wrote it. Every request it pops goes to ``seen``.
+    """
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        while True:
+            result = await client.blpop([lists.requests], timeout=1)
+            if not result:
+                continue
+            message = json.loads(result[1])
+            seen.append(message)
+            session_id, agent_id = message["session_id"], message["agent_ids"][0]
+            for step in range(CHUNKS):
+                chunk = {
+                    "type": "agent_judgement_stream",
+                    "session_id": session_id,
+                    "agent_id": agent_id,
+                    "content": f"{agent_id} step {step}",
+                }
+                await client.lpush(lists.stream_responses, json.dumps(chunk))
+            verdict = "NEGATIVE" if agent_id == "elder" else "POSITIVE"
+            final = {
+                "type": "agent_judgement_final",
+                "session_id": session_id,
+                "agent_id": agent_id,
+                "result": {"judgement": f"On {message['request']!r}: <decision>{verdict}</decision>"},
+            }
+            await client.lpush(lists.final_responses, json.dumps(final))
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def run_backend(redis_url: str) -> AsyncIterator[Callable[..., None]]:
     tasks: list[asyncio.Task[None]] = []
 
-    def run(lists: LegacyKeys, end: str = "left") -> None:
+    def run(lists: LegacyKeys, end: str = "left", seen: list[dict[str, Any]] | None = None) -> None:
+        if seen is not None:
+            tasks.append(asyncio.create_task(gateway_client_backend(redis_url, lists, seen)))
+            return
         tasks.append(asyncio.create_task(original_backend(redis_url, lists, end)))
 
     yield run
@@ -205,6 +251,78 @@ def test_request_is_the_original_gateways_message() -> None:
         "data": {"user_input": "Tea?"},
         "session_id": SID,
     }
+
+
+def test_request_forwards_the_client_frames_other_fields() -> None:
+    """As the original gateway did; ``agents`` (the original form's list) names this agent only."""
+    fields = {
+        "request_id": "r-1",
+        "request": "<user_input>\nTea?\n</user_input>",
+        "timestamp": 1700000000,
+        "agents": [{"agent_id": "elder", "name": "E"}, {"agent_id": "oldie", "name": "O"}],
+        "data": {"locale": "en"},
+    }
+    payload = json.loads(legacy_request(SID, AgentId("oldie"), "Tea?", fields))
+    assert payload == {
+        "type": "agent_judgement",
+        "request_id": "r-1",
+        "request": "<user_input>\nTea?\n</user_input>",
+        "timestamp": 1700000000,
+        "agents": [{"agent_id": "oldie", "name": "O"}],
+        "agent_ids": ["oldie"],
+        "data": {"locale": "en", "user_input": "Tea?"},
+        "session_id": SID,
+    }
+    named = json.loads(legacy_request(SID, AgentId("oldie"), "Tea?", {"agents": [{"agent_id": "x"}]}))
+    assert named["agents"] == [{"agent_id": "oldie"}]
+    listed = json.loads(legacy_request(SID, AgentId("oldie"), "Tea?", agents_list=True))
+    assert listed["agents"] == [{"agent_id": "oldie"}]
+    assert "agents" not in json.loads(legacy_request(SID, AgentId("oldie"), "Tea?"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "listed_as", "expected"),
+    [
+        (
+            orjson.dumps(
+                {"type": "agent_judgement_stream", "session_id": SID, "agent_id": "oldie", "content": "hm"}
+            ),
+            "stream",
+            LegacyResponse("stream", SID, "oldie", {"thinking": "hm"}),
+        ),
+        (orjson.dumps({"session_id": SID, "content": 5}), "stream", "bad_data"),
+        (orjson.dumps({"session_id": SID}), "stream", "bad_data"),
+        (
+            orjson.dumps({"session_id": SID, "result": {"judgement": "fine", "decision": "reject"}}),
+            "final",
+            LegacyResponse("final", SID, None, {"judgement": "fine", "decision": "reject"}),
+        ),
+        (
+            orjson.dumps({"session_id": SID, "result": "yes <decision> POSITIVE </decision>"}),
+            "final",
+            LegacyResponse(
+                "final",
+                SID,
+                None,
+                {"judgement": "yes <decision> POSITIVE </decision>", "decision": "approve"},
+            ),
+        ),
+        (
+            orjson.dumps({"session_id": SID, "result": None, "error": "broke"}),
+            "final",
+            LegacyResponse("final", SID, None, {"error": "broke"}, ResultCode.AGENT_ERROR),
+        ),
+        (orjson.dumps({"session_id": SID, "result": [1]}), "final", "bad_data"),
+    ],
+)
+def test_parse_the_gateway_client_top_level_form(raw: bytes, listed_as: Any, expected: object) -> None:
+    assert parse_legacy_response(raw, listed_as) == expected
+
+
+def test_decision_of_the_last_tag() -> None:
+    assert decision_of("<decision>NEGATIVE</decision> then <decision>positive</decision>") == "approve"
+    assert decision_of("<decision>NEGATIVE</decision>") == "reject"
+    assert decision_of("no tag, <decision>MAYBE</decision>") is None
 
 
 @pytest.mark.parametrize(
@@ -297,6 +415,61 @@ async def test_original_backend_behind_the_gateway(
     await eventually(lambda: bridge.relayed == 2 * len(LEGACY) * (CHUNKS + 1))
     assert not bridge.dropped
     assert bridge.refused == 0
+
+
+async def test_gateway_client_backend_behind_the_gateway(
+    lists: LegacyKeys,
+    gateway: GatewayHandle,
+    start_bridge: StartBridge,
+    run_backend: Callable[..., None],
+) -> None:
+    """The list-era ``GatewayClient`` form: top-level ``content`` chunks and ``result`` finals
+    reach the client (they were dropped as ``bad_data``), and the backend gets the client
+    frame's other fields."""
+    bridge = await start_bridge()
+    seen: list[dict[str, Any]] = []
+    run_backend(lists, seen=seen)
+    request = "<user_input>\nTea?\n</user_input>\n<response>\nYes\n</response>"
+    async with await gateway.connect() as ws:
+        record = await judge(ws, LEGACY, "Tea?", request_id="r-42", request=request, timestamp=1700000000)
+    assert_well_formed(record, LEGACY)
+    assert_complete_log(record.messages, LEGACY)
+    for agent_id in LEGACY:
+        assert thinking(record.messages, agent_id) == [f"{agent_id} step {i}" for i in range(CHUNKS)]
+    assert record.finals["oldie"]["data"] == {
+        "judgement": f"On {request!r}: <decision>POSITIVE</decision>",
+        "decision": "approve",
+    }
+    assert record.finals["elder"]["data"]["decision"] == "reject"
+    assert record.complete["data"]["verdict"] == "abstain"  # one each
+    assert sorted(m["agent_ids"][0] for m in seen) == sorted(LEGACY)
+    for message in seen:
+        assert message["request_id"] == "r-42"
+        assert message["request"] == request
+        assert message["timestamp"] == 1700000000
+        assert message["data"] == {"user_input": "Tea?"}
+    await eventually(lambda: bridge.relayed == len(LEGACY) * (CHUNKS + 1))
+    assert not bridge.dropped
+
+
+async def test_the_client_frames_fields_reach_any_worker(
+    gateway: GatewayHandle, start_worker: Callable[..., Awaitable[Worker]]
+) -> None:
+    """Through the intake mark and the request stream: ``ctx.request_fields``, as sent."""
+    received: list[dict[str, Any]] = []
+
+    @agent("fields")
+    async def fields(user_input: str, ctx: Context) -> Judgement:
+        received.append(ctx.request_fields)
+        return Judgement(user_input, decision="approve")
+
+    await start_worker([fields])
+    async with await gateway.connect() as ws:
+        await judge(ws, ["fields"], "Tea?")
+        extra = {"request": "<user_input>Tea?</user_input>", "timestamp": 1.5, "agents": [{"agent_id": "x"}]}
+        await judge(ws, ["fields"], "Tea?", request_id="r-9", **extra)
+        await judge(ws, ["fields"], "Tea?", data={"user_input": "Tea?", "locale": "en"})
+    assert received == [{}, {"request_id": "r-9", **extra}, {"data": {"locale": "en"}}]
 
 
 async def test_requests_reach_the_backend_oldest_first(
@@ -488,3 +661,11 @@ def test_legacy_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
     assert settings.legacy_backend_end == "left"
     assert Keys.legacy(settings.legacy_list_prefix).requests == "site-a:queue_agent_judgement"
     assert LegacyBridge(settings=settings).agent_ids == frozenset(LEGACY)
+
+
+def test_intake_mark_keeps_the_client_fields() -> None:
+    """The repair sweep queues a session's requests from its mark: the fields come along."""
+    intake = PendingIntake(SID, AppId(APP), (AgentId("oldie"),), "Tea?", 1, b'{"request_id":"r-1"}')
+    assert PendingIntake.decode(SID, intake.encode()) == intake
+    bare = PendingIntake(SID, AppId(APP), (AgentId("oldie"),), "Tea?", 1)
+    assert PendingIntake.decode(SID, bare.encode()) == bare

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     #: The list end the legacy backends push responses to and pop requests from: ``left``
     #: (``LPUSH``/``BLPOP``, as the original backends) or ``right``. The bridge uses the other.
     legacy_backend_end: Literal["left", "right"] = "left"
+    #: Agents served by pub/sub-era backends of the original system, for ``magi-gateway
+    #: pubsub-bridge`` (comma-separated).
+    pubsub_agents: str = ""
+    #: Prepended to the original channel names (``gateway:requests:SID``,
+    #: ``gateway:responses:SID``); empty keeps them exactly as the original backends use them.
+    pubsub_channel_prefix: str = ""
 
     redis_backoff_base_s: float = Field(0.05, gt=0)
     redis_backoff_cap_s: float = Field(5.0, gt=0)
@@ -155,6 +161,11 @@ class Settings(BaseSettings):
     def legacy_agent_list(self) -> list[str]:
         """``LEGACY_AGENTS`` split on commas, blanks removed."""
         return [a.strip() for a in self.legacy_agents.split(",") if a.strip()]
+
+    @property
+    def pubsub_agent_list(self) -> list[str]:
+        """``PUBSUB_AGENTS`` split on commas, blanks removed."""
+        return [a.strip() for a in self.pubsub_agents.split(",") if a.strip()]
 
     @property
     def secrets_configured(self) -> bool:

@@ -26,6 +26,7 @@ from magi_gateway.embedded import RedisServer, free_port
 from magi_gateway.logs import configure_logging
 from magi_gateway.settings import Settings
 from magi_gateway.worker.legacy import LegacyBridge
+from magi_gateway.worker.pubsub_bridge import PubSubBridge
 from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Agent
 
@@ -177,6 +178,26 @@ def legacy_bridge(
     bridge = LegacyBridge(names, settings, burst=burst)
     console.print(
         f"legacy bridge {bridge.worker.worker_id} serving {', '.join(sorted(bridge.agent_ids))}", style="dim"
+    )
+    run_until_signal(bridge)
+
+
+@app.command("pubsub-bridge")
+def pubsub_bridge(
+    agents: Annotated[
+        str | None, typer.Option(help="Comma-separated agent ids of the backends [env PUBSUB_AGENTS]")
+    ] = None,
+    burst: Annotated[bool, typer.Option(help="Exit once no request is waiting or running")] = False,
+) -> None:
+    """Serve agents whose backends speak the original system's pub/sub channels."""
+    settings = Settings()
+    configure_logging("info", settings.log_format)
+    names = [a.strip() for a in agents.split(",") if a.strip()] if agents else settings.pubsub_agent_list
+    if not names:
+        raise typer.BadParameter("name the agents: --agents a,b or PUBSUB_AGENTS")
+    bridge = PubSubBridge(names, settings, burst=burst)
+    console.print(
+        f"pub/sub bridge {bridge.worker.worker_id} serving {', '.join(sorted(bridge.agent_ids))}", style="dim"
     )
     run_until_signal(bridge)
 

@@ -2,14 +2,18 @@
 
 Its gateway queued each request as the client's message plus ``session_id``; its
 backends answered with JSON messages carrying ``session_id`` (and ``agent_id`` when
-they serve several agents). ``worker.legacy.LegacyBridge`` moves them; this module
-builds and checks them.
+they serve several agents), their payload under ``data`` or, as the list-era
+``GatewayClient`` wrote them, at the top level (``content`` for thinking, ``result``
+for a final). ``worker.legacy.LegacyBridge`` moves them; this module builds and checks
+them. The original agents wrote their verdict into their text as
+``<decision>POSITIVE</decision>`` or ``<decision>NEGATIVE</decision>``
+(``decision_of``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,25 +22,58 @@ import orjson
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.session import ResultCode
 
-__all__ = ["Kind", "LegacyResponse", "legacy_request", "parse_legacy_response", "resolve_agent"]
+__all__ = [
+    "Kind",
+    "LegacyResponse",
+    "decision_of",
+    "legacy_request",
+    "parse_legacy_response",
+    "resolve_agent",
+]
 
 Kind = Literal["stream", "final"]
 _TYPES: dict[str, Kind] = {"agent_judgement_stream": "stream", "agent_judgement_final": "final"}
 # Session ids as ``session.new_session_id`` makes them; anything else names no session.
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
 _RESULT_CODES = frozenset(int(c) for c in ResultCode)
+_DECISION_TAG = re.compile(r"<decision>\s*(POSITIVE|NEGATIVE)\s*</decision>", re.IGNORECASE)
+_TAGGED = {"positive": "approve", "negative": "reject"}
 
 
-def legacy_request(session_id: SessionId, agent_id: AgentId, user_input: str) -> bytes:
-    """A request as the original gateway queued it: the client's message plus ``session_id``."""
-    return orjson.dumps(
-        {
-            "type": "agent_judgement",
-            "agent_ids": [agent_id],
-            "data": {"user_input": user_input},
-            "session_id": session_id,
-        }
+def decision_of(text: str) -> str | None:
+    """``approve``/``reject`` from the text's last ``<decision>POSITIVE|NEGATIVE</decision>``."""
+    found = _DECISION_TAG.findall(text)
+    return _TAGGED[found[-1].lower()] if found else None
+
+
+def legacy_request(
+    session_id: SessionId,
+    agent_id: AgentId,
+    user_input: str,
+    fields: Mapping[str, Any] | None = None,
+    *,
+    agents_list: bool = False,
+) -> bytes:
+    """A request as the original gateway queued it: the client's message plus ``session_id``.
+
+    ``fields`` are the client frame's other fields (``Context.request_fields``: its
+    ``request_id``, ``request``, ``timestamp``, ...), forwarded as they came. The message
+    is for one agent: ``agent_ids`` names it and so does ``agents`` when the client sent
+    that list, or ``agents_list`` asks for it (the pub/sub-era backends read it): the
+    client's entry for the agent, else ``{"agent_id": AGENT}``.
+    """
+    fields = fields or {}
+    message: dict[str, Any] = {"type": "agent_judgement", **fields, "agent_ids": [agent_id]}
+    agents = fields.get("agents", [] if agents_list else None)
+    if isinstance(agents, list):
+        mine = [a for a in agents if isinstance(a, dict) and a.get("agent_id") == agent_id]
+        message["agents"] = mine[:1] or [{"agent_id": agent_id}]
+    data = fields.get("data")
+    message["data"] = (
+        {**data, "user_input": user_input} if isinstance(data, dict) else {"user_input": user_input}
     )
+    message["session_id"] = session_id
+    return orjson.dumps(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +92,10 @@ def parse_legacy_response(raw: bytes, listed_as: Kind) -> LegacyResponse | str:
 
     Its ``type`` says what it is, as the original gateway forwarded it; without one, the
     list it came from does. A stream's ``data`` may be a bare string (the thinking text).
-    A final without ``result_code`` is 0, or 1 when ``data`` has an ``error``.
+    Without ``data``, the top-level fields are the payload: a stream's ``content`` is its
+    thinking, a final's ``result`` its data (a string: the judgement), with a top-level
+    ``error``/``decision``. A final without ``result_code`` is 0, or 1 when it has an
+    ``error``; without a ``decision``, its judgement's ``<decision>`` tag gives one.
     """
     try:
         message = orjson.loads(raw)
@@ -74,7 +114,7 @@ def parse_legacy_response(raw: bytes, listed_as: Kind) -> LegacyResponse | str:
     agent_id = message.get("agent_id")
     if agent_id is not None and not isinstance(agent_id, str):
         return "unknown_agent"
-    data = message.get("data")
+    data = message.get("data") if "data" in message else _top_level_data(message, kind)
     if kind == "stream" and isinstance(data, str):
         data = {"thinking": data}
     elif kind == "final" and data is None:
@@ -83,12 +123,28 @@ def parse_legacy_response(raw: bytes, listed_as: Kind) -> LegacyResponse | str:
         return "bad_data"
     if kind == "stream":
         return LegacyResponse(kind, SessionId(session_id), agent_id, data)
+    text = data.get("judgement")
+    if "decision" not in data and isinstance(text, str) and (tagged := decision_of(text)) is not None:
+        data = {**data, "decision": tagged}
     code = message.get("result_code", 1 if "error" in data else 0)
     if isinstance(code, bool) or not isinstance(code, int) or code not in _RESULT_CODES:
         return "bad_result_code"
     if code != 0 and not isinstance(data.get("error"), str):
         data = {**data, "error": "The agent reported an error"}
     return LegacyResponse(kind, SessionId(session_id), agent_id, data, ResultCode(code))
+
+
+def _top_level_data(message: dict[str, Any], kind: Kind) -> Any:
+    """The payload of a message in the list-era ``GatewayClient`` form (no ``data``)."""
+    if kind == "stream":
+        return message.get("content")  # None (no thinking at all) is bad_data
+    result = message.get("result")
+    data: Any = {"judgement": result} if isinstance(result, str) else ({} if result is None else result)
+    if isinstance(data, dict):
+        for name in ("error", "decision"):
+            if name in message and name not in data:
+                data = {**data, name: message[name]}
+    return data
 
 
 def resolve_agent(

@@ -8,7 +8,7 @@ built in ``frames``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import orjson
@@ -27,6 +27,7 @@ __all__ = [
     "Ping",
     "Refresh",
     "Resume",
+    "extra_fields",
     "parse_client_frame",
     "request_id_of",
 ]
@@ -55,7 +56,19 @@ class JudgementRequest:
     agent_ids: tuple[AgentId, ...]
     user_input: str
     request_id: str | None = None
+    #: The frame's other fields (``request``, ``timestamp``, ``agents``, and ``data``
+    #: without ``user_input``), bounded by ``max_frame_bytes`` as the frame is. Passed
+    #: through as they came, so not part of the message's equality.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
     type: Literal["agent_judgement"] = "agent_judgement"
+
+    def forwarded_fields(self) -> bytes:
+        """``extra`` and ``request_id``, JSON-encoded (b"" when none): what workers get of
+        the frame besides the input, and the bridges forward to the original backends."""
+        if self.request_id is None and not self.extra:
+            return b""
+        head = {} if self.request_id is None else {"request_id": self.request_id}
+        return orjson.dumps({**head, **self.extra})
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +157,19 @@ def _judgement(obj: dict[str, Any], limits: Limits) -> JudgementRequest:
     return JudgementRequest(tuple(AgentId(a) for a in agent_ids), user_input, _valid_request_id(obj))
 
 
+#: Fields of a judgement frame ``JudgementRequest`` has already; ``extra_fields`` keeps the rest.
+_CARRIED_FIELDS = frozenset({"type", "agent_ids", "data", "request_id"})
+
+
+def extra_fields(obj: dict[str, Any]) -> dict[str, Any]:
+    """The frame's fields other than those ``JudgementRequest`` has already."""
+    extra = {name: value for name, value in obj.items() if name not in _CARRIED_FIELDS}
+    data = obj.get("data")
+    if isinstance(data, dict) and data.keys() - {"user_input"}:
+        extra["data"] = {name: value for name, value in data.items() if name != "user_input"}
+    return extra
+
+
 def _valid_request_id(obj: dict[str, Any]) -> str | None:
     request_id = obj.get("request_id")
     if request_id is not None and (
@@ -193,7 +219,9 @@ def _parse_kind(kind: Any, obj: dict[str, Any], limits: Limits, request_id: str 
     if kind is None:
         raise ProtocolError("Missing message type", code="missing_type")
     if kind == "agent_judgement":
-        return _judgement(obj, limits)
+        judgement = _judgement(obj, limits)
+        extra = extra_fields(obj)
+        return replace(judgement, extra=extra) if extra else judgement
     if kind == "ping":
         return Ping(request_id)
     if kind == "get_agents":

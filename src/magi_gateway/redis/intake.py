@@ -60,17 +60,20 @@ class PendingIntake:
     agent_ids: tuple[AgentId, ...]
     user_input: str
     deadline_ms: int
+    #: The client frame's other fields, JSON-encoded (``JudgementRequest.forwarded_fields``).
+    extra: bytes = b""
 
     def encode(self) -> bytes:
         """The mark's stored form."""
-        return orjson.dumps(
-            {
-                "appid": self.appid,
-                "agents": list(self.agent_ids),
-                "input": self.user_input,
-                "deadline_ms": self.deadline_ms,
-            }
-        )
+        mark: dict[str, Any] = {
+            "appid": self.appid,
+            "agents": list(self.agent_ids),
+            "input": self.user_input,
+            "deadline_ms": self.deadline_ms,
+        }
+        if self.extra:
+            mark["extra"] = self.extra.decode()
+        return orjson.dumps(mark)
 
     @classmethod
     def decode(cls, session_id: SessionId, raw: bytes) -> PendingIntake:
@@ -82,6 +85,7 @@ class PendingIntake:
             tuple(AgentId(a) for a in data["agents"]),
             data["input"],
             int(data["deadline_ms"]),
+            data.get("extra", "").encode(),
         )
 
 
@@ -156,6 +160,7 @@ class Intake:
             now_ms(),
             ACTIVE_APP_MS,
             "1" if marked else "0",
+            intake.extra,
             *intake.agent_ids,
         ]
         with redis_errors():

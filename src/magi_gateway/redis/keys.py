@@ -33,6 +33,12 @@ empty by default: the original backends know these names as they are, unprefixed
     Lqueue_agent_judgement:bridge:processing       list  responses taken, not yet logged
     Lqueue_agent_judgement:bridge:lease            string  the bridge relaying responses
 
+The original system's pub/sub channels, used by ``PubSubBridge`` (``C`` is
+``PUBSUB_CHANNEL_PREFIX``, empty by default)::
+
+    Cgateway:requests:SID                          channel  a request, for the backends' PSUBSCRIBE
+    Cgateway:responses:SID                         channel  the backends' answers (PSUBSCRIBEd)
+
 Session keys carry the ``{SID}`` hash tag so one session lives on one Redis Cluster
 shard and the Lua scripts touching them stay single-slot; sessions, and with them the
 per-chunk traffic, spread over the shards. The per-deployment keys (request streams,
@@ -51,7 +57,7 @@ from dataclasses import dataclass
 
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 
-__all__ = ["WORKER_GROUP", "Keys", "LegacyKeys", "SessionKeys"]
+__all__ = ["WORKER_GROUP", "Keys", "LegacyKeys", "PubSubKeys", "SessionKeys"]
 
 #: Consumer group every worker of an agent joins.
 WORKER_GROUP = "workers"
@@ -81,6 +87,27 @@ class LegacyKeys:
     final_responses: str
     processing: str
     lease: str
+
+
+@dataclass(frozen=True, slots=True)
+class PubSubKeys:
+    """The original system's pub/sub channel names (its gateway published, its backends answered)."""
+
+    prefix: str = ""
+
+    def request_channel(self, session_id: SessionId) -> str:
+        """Where a session's request is published for the backends."""
+        return f"{self.prefix}gateway:requests:{session_id}"
+
+    @property
+    def responses_pattern(self) -> str:
+        """The pattern matching every session's response channel."""
+        return f"{self.prefix}gateway:responses:*"
+
+    def session_of(self, channel: str) -> str | None:
+        """The session id a response channel names (None: not a response channel)."""
+        head = f"{self.prefix}gateway:responses:"
+        return channel[len(head) :] if channel.startswith(head) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +208,11 @@ class Keys:
     def gateway_channel(self, instance_id: InstanceId) -> str:
         """Notification channel of one gateway instance."""
         return f"{self.gateway_channel_prefix}{instance_id}"
+
+    @staticmethod
+    def pubsub(channel_prefix: str = "") -> PubSubKeys:
+        """The original pub/sub channels, ``channel_prefix`` prepended (empty: the original names)."""
+        return PubSubKeys(channel_prefix)
 
     @staticmethod
     def legacy(list_prefix: str = "") -> LegacyKeys:

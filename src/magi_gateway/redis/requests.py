@@ -60,6 +60,8 @@ class Request:
     user_input: str
     deadline_ms: int
     appid: AppId
+    #: The client frame's other fields, JSON-encoded, b"" when none (``Context.request_fields``).
+    extra: bytes = b""
 
     @classmethod
     def from_fields(cls, message_id: bytes, fields: Mapping[bytes, bytes]) -> Request:
@@ -71,6 +73,7 @@ class Request:
             user_input=fields[b"input"].decode(),
             deadline_ms=int(fields[b"deadline_ms"]),
             appid=AppId(fields.get(b"appid", b"").decode()),
+            extra=fields.get(b"extra", b""),
         )
 
 

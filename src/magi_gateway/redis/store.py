@@ -346,9 +346,10 @@ class Store:
         user_input: str,
         deadline_ms: int,
         appid: AppId,
+        extra: bytes = b"",
     ) -> None:
         """Add a request to the agent's stream for ``appid``, outside any intake mark."""
-        intake = PendingIntake(session_id, appid, (agent_id,), user_input, deadline_ms)
+        intake = PendingIntake(session_id, appid, (agent_id,), user_input, deadline_ms, extra)
         await self.intake.enqueue(intake, marked=False)
 
 

@@ -75,7 +75,9 @@ class SessionOps:
         try:
             live = await self.store.liveness.live_worker_counts(request.agent_ids)
             plan = plan_judgement(request.agent_ids, live)
-            intake = PendingIntake(session_id, appid, plan.queue, request.user_input, deadline_ms)
+            intake = PendingIntake(
+                session_id, appid, plan.queue, request.user_input, deadline_ms, request.forwarded_fields()
+            )
             await self.store.create_session(
                 session_id,
                 appid,

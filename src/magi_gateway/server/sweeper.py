@@ -91,7 +91,9 @@ async def _repair(store: Store, intake: PendingIntake, now: int, drop: list[Sess
         return
     queue = tuple(a for a in intake.agent_ids if a in info.pending)
     queued = await store.intake.enqueue(
-        PendingIntake(intake.session_id, intake.appid, queue, intake.user_input, intake.deadline_ms)
+        PendingIntake(
+            intake.session_id, intake.appid, queue, intake.user_input, intake.deadline_ms, intake.extra
+        )
     )
     if not queued:
         return  # its gateway got there meanwhile

@@ -71,8 +71,9 @@ class _Forwarder(Agent):
         self._bridge = bridge
 
     async def judge(self, user_input: str, ctx: Context) -> Judgement:
-        """Queue the request in the original format, then hand it off."""
-        await self._bridge.push_request(legacy_request(ctx.session_id, ctx.agent_id, user_input))
+        """Queue the request in the original format, with the client frame's fields; hand it off."""
+        payload = legacy_request(ctx.session_id, ctx.agent_id, user_input, ctx.request_fields)
+        await self._bridge.push_request(payload)
         raise _HandedOff(ctx.session_id)
 
 

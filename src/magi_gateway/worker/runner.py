@@ -41,7 +41,7 @@ from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
 from magi_gateway.worker._finisher import RequestFinisher
 from magi_gateway.worker.appender import ChunkAppender, ChunkStream
-from magi_gateway.worker.sdk import Agent, Context, Judgement, JudgementClosed
+from magi_gateway.worker.sdk import Agent, AgentUnavailable, Context, Judgement, JudgementClosed
 
 __all__ = ["Worker"]
 
@@ -265,6 +265,7 @@ class Worker:
             sink=stream.put,
             was_cancelled=was_cancelled,
             max_chunk_bytes=self.settings.max_chunk_bytes,
+            request_fields=request.extra,
         )
         task = asyncio.create_task(self._serve(request, ctx, stream), name=f"serve-{request.session_id}")
         key = (self.queue.stream_of(request), request.message_id)
@@ -313,7 +314,8 @@ class Worker:
         except (JudgementClosed, TimeoutError):
             return False  # the session has this agent's final already
         except AgentError as exc:
-            code, data = ResultCode.AGENT_ERROR, {"error": str(exc)}
+            code = ResultCode.NO_AGENT if isinstance(exc, AgentUnavailable) else ResultCode.AGENT_ERROR
+            data = {"error": str(exc)}
         except Exception:
             logger.exception("agent %s failed on session %s", agent.name, request.session_id)
             code = ResultCode.AGENT_ERROR

@@ -27,12 +27,23 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+import orjson
+
+from magi_gateway.core.errors import AgentError
 from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.core.output_limits import split_thinking
 from magi_gateway.core.protocol import AGENT_ID_PATTERN
 from magi_gateway.core.session import normalize_decision
 
-__all__ = ["Agent", "Context", "FunctionAgent", "Judgement", "JudgementClosed", "agent"]
+__all__ = [
+    "Agent",
+    "AgentUnavailable",
+    "Context",
+    "FunctionAgent",
+    "Judgement",
+    "JudgementClosed",
+    "agent",
+]
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,10 @@ class Judgement:
         if decision is not None:
             data["decision"] = decision
         return data
+
+
+class AgentUnavailable(AgentError):
+    """Raised by an agent whose backend cannot take the request: ``result_code`` 3, not 1."""
 
 
 class JudgementClosed(Exception):
@@ -80,6 +95,7 @@ class Context:
         sink: ThinkSink,
         was_cancelled: CancelCheck = _never_cancelled,
         max_chunk_bytes: int = 64 * 1024,
+        request_fields: bytes = b"",
     ) -> None:
         self.session_id = session_id
         self.agent_id = agent_id
@@ -91,6 +107,16 @@ class Context:
         self._max_chunk_bytes = max_chunk_bytes
         self._closed = False
         self._cancelled = False
+        self._request_fields = request_fields
+
+    @property
+    def request_fields(self) -> dict[str, Any]:
+        """The client frame's fields besides the agents and the input (``request_id``,
+        ``request``, ``timestamp``, ...), as the client sent them; {} when none."""
+        if not self._request_fields:
+            return {}
+        fields = orjson.loads(self._request_fields)
+        return fields if isinstance(fields, dict) else {}
 
     @property
     def closed(self) -> bool:
