@@ -171,17 +171,17 @@ async def test_json_logs_carry_connection_and_session_ids(gateway: GatewayHandle
     try:
         # Force a log line inside a frame's task: an unexpected failure while opening a session.
         async with await gateway.connect() as ws:
-            original = gateway.gateway.store.liveness.live_worker_counts
+            original = gateway.gateway.store.claim_and_count
 
-            async def broken(agent_ids: object) -> object:
+            async def broken(*args: object) -> object:
                 raise RuntimeError("boom")
 
-            gateway.gateway.store.liveness.live_worker_counts = broken  # type: ignore[method-assign,assignment]
+            gateway.gateway.store.claim_and_count = broken  # type: ignore[method-assign,assignment]
             try:
                 await send(ws, {"type": "agent_judgement", "agent_ids": ["a"], "data": {"user_input": "x"}})
                 assert (await recv(ws))["code"] == "internal_error"
             finally:
-                gateway.gateway.store.liveness.live_worker_counts = original  # type: ignore[method-assign]
+                gateway.gateway.store.claim_and_count = original  # type: ignore[method-assign]
     finally:
         logging.getLogger("magi_gateway").removeHandler(keep)
     failure = next(r for r in records if "unexpected error" in r.getMessage())

@@ -7,7 +7,11 @@ session instead of starting another. Keys: ``Keys.idempotency`` (appid length-pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 
 from magi_gateway.core.ids import AppId, SessionId
 from magi_gateway.redis.client import RedisClient, redis_errors
@@ -28,12 +32,29 @@ class RequestIds:
         self, appid: AppId, request_id: str, session_id: SessionId, ttl_ms: int
     ) -> SessionId | None:
         """Bind ``request_id`` to ``session_id``; return the session it already names."""
-        key = self.keys.idempotency(appid, request_id)
         with redis_errors():
-            if await self.redis.set(key, session_id, nx=True, px=ttl_ms):
-                return None
-            existing: Any = await self.redis.get(key)
-        return SessionId(existing.decode()) if existing else None
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self.queue_claim(pipe, appid, request_id, session_id, ttl_ms)
+                return self.claimed(await pipe.execute())
+
+    def queue_claim(
+        self,
+        pipe: Pipeline | ClusterPipeline,
+        appid: AppId,
+        request_id: str,
+        session_id: SessionId,
+        ttl_ms: int,
+    ) -> None:
+        """Queue ``claim``'s two commands on ``pipe`` (its answer: ``claimed``)."""
+        key = self.keys.idempotency(appid, request_id)
+        pipe.set(key, session_id, nx=True, px=ttl_ms)
+        pipe.get(key)
+
+    @staticmethod
+    def claimed(replies: Sequence[Any]) -> SessionId | None:
+        """The session ``request_id`` named already, from the first two of ``replies``."""
+        bound, existing = replies[0], replies[1]
+        return None if bound or not existing else SessionId(existing.decode())
 
     async def rebind(self, appid: AppId, request_id: str, session_id: SessionId, expired: SessionId) -> None:
         """Point ``request_id`` at a new session once the one it named has expired."""

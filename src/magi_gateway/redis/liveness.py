@@ -100,13 +100,22 @@ class Liveness:
 
     async def live_worker_counts(self, agent_ids: Sequence[AgentId]) -> dict[AgentId, int]:
         """Number of live workers for each agent."""
-        now = now_ms()
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                for agent_id in agent_ids:
-                    pipe.zcount(self.keys.workers(agent_id), now, "+inf")
-                counts = await pipe.execute()
-        return dict(zip(agent_ids, (int(c) for c in counts), strict=True))
+                self.queue_counts(pipe, agent_ids)
+                return self.counts(agent_ids, await pipe.execute())
+
+    def queue_counts(self, pipe: Pipeline | ClusterPipeline, agent_ids: Sequence[AgentId]) -> None:
+        """Queue ``live_worker_counts``' commands on ``pipe`` (its answer: ``counts``)."""
+        now = now_ms()
+        for agent_id in agent_ids:
+            pipe.zcount(self.keys.workers(agent_id), now, "+inf")
+
+    @staticmethod
+    def counts(agent_ids: Sequence[AgentId], replies: Sequence[Any]) -> dict[AgentId, int]:
+        """The live worker counts, from the last ``len(agent_ids)`` of ``replies``."""
+        tail = replies[len(replies) - len(agent_ids) :]
+        return dict(zip(agent_ids, (int(c) for c in tail), strict=True))
 
     async def agent_stats(self) -> dict[AgentId, AgentStats]:
         """Queue state of every agent with a live worker (``XINFO GROUPS`` of its stream)."""

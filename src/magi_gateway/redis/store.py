@@ -147,6 +147,20 @@ class Store:
         if reply[0] < 0:  # session ids are random: an existing one is a defect, not a retry
             raise BackendCommandError(f"session {session_id} not created ({reply[0]})")
 
+    async def claim_and_count(
+        self, appid: AppId, request_id: str | None, sid: SessionId, ttl_ms: int, agents: Sequence[AgentId]
+    ) -> tuple[SessionId | None, dict[AgentId, int]]:
+        """A judgement's first round trip: ``request_ids.claim`` (when there is a
+        ``request_id``) and ``liveness.live_worker_counts``, pipelined."""
+        with redis_errors():
+            async with self.redis.pipeline(transaction=False) as pipe:
+                if request_id is not None:
+                    self.request_ids.queue_claim(pipe, appid, request_id, sid, ttl_ms)
+                self.liveness.queue_counts(pipe, agents)
+                replies = await pipe.execute()
+        existing = self.request_ids.claimed(replies) if request_id is not None else None
+        return existing, self.liveness.counts(agents, replies)
+
     async def session_info(self, session_id: SessionId) -> SessionInfo | None:
         """The session's metadata, or None when unknown or expired."""
         keys = self.keys.session(session_id)

@@ -24,7 +24,7 @@ from magi_gateway.core.errors import (
     SessionNotFound,
     TooManySessions,
 )
-from magi_gateway.core.ids import InstanceId, SessionId
+from magi_gateway.core.ids import AppId, InstanceId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
 from magi_gateway.logs import session_id_var
 from magi_gateway.redis.intake import PendingIntake
@@ -58,22 +58,25 @@ class SessionOps:
         session_id_var.set(session_id)
         appid = connection.appid
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
-        if request.request_id is not None:
-            existing = await self.store.request_ids.claim(
-                appid, request.request_id, session_id, timeout_ms + self.settings.session_retention_s * 1000
+        retention_ms = timeout_ms + self.settings.session_retention_s * 1000
+        try:
+            existing, live = await self.store.claim_and_count(
+                appid, request.request_id, session_id, retention_ms, request.agent_ids
             )
-            if existing is not None:
-                # A retried request: the same session again, replayed from the start
-                # (unless it has expired meanwhile: then the request starts afresh).
-                try:
-                    await self.attach(connection, existing, 0, wait_for_creation=True, restart=True)
-                    return
-                except SessionNotFound:
-                    await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
+        except BackendUnavailable:
+            await self._release(appid, request.request_id, session_id)  # it may have been bound
+            raise
+        if existing is not None and request.request_id is not None:
+            # A retried request: the same session again, replayed from the start
+            # (unless it has expired meanwhile: then the request starts afresh).
+            try:
+                await self.attach(connection, existing, 0, wait_for_creation=True, restart=True)
+                return
+            except SessionNotFound:
+                await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
         deadline_ms = now_ms() + timeout_ms
         session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
         try:
-            live = await self.store.liveness.live_worker_counts(request.agent_ids)
             plan = plan_judgement(request.agent_ids, live)
             intake = PendingIntake(
                 session_id, appid, plan.queue, request.user_input, deadline_ms, request.forwarded_fields()
@@ -89,9 +92,7 @@ class SessionOps:
             )
         except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
             self.delivery.untrack(session)
-            if request.request_id is not None:
-                with contextlib.suppress(BackendUnavailable):
-                    await self.store.request_ids.release(appid, request.request_id, session_id)
+            await self._release(appid, request.request_id, session_id)
             raise
         metrics.SESSIONS_STARTED.inc()
         try:
@@ -107,6 +108,12 @@ class SessionOps:
             # The session is accepted: the intake repair queues its requests (any
             # instance), the deadline sweep answers the rest.
             logger.warning("session %s left to the intake repair (%s)", session_id, exc.__cause__ or exc)
+
+    async def _release(self, appid: AppId, request_id: str | None, session_id: SessionId) -> None:
+        """Unbind ``request_id`` from a session that was not created (if Redis answers)."""
+        if request_id is not None:
+            with contextlib.suppress(BackendUnavailable):
+                await self.store.request_ids.release(appid, request_id, session_id)
 
     async def session_info(self, connection: Connection, session_id: SessionId, *, wait: bool) -> SessionInfo:
         """The session, if it exists and belongs to the connection's appid."""
