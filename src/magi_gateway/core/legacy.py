@@ -19,13 +19,14 @@ from typing import Any, Literal
 
 import orjson
 
-from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.ids import AgentId, SessionId, is_session_id
 from magi_gateway.core.session import ResultCode
 
 __all__ = [
     "Kind",
     "LegacyResponse",
     "decision_of",
+    "json_object",
     "legacy_request",
     "parse_legacy_response",
     "resolve_agent",
@@ -33,11 +34,18 @@ __all__ = [
 
 Kind = Literal["stream", "final"]
 _TYPES: dict[str, Kind] = {"agent_judgement_stream": "stream", "agent_judgement_final": "final"}
-# Session ids as ``session.new_session_id`` makes them; anything else names no session.
-_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 _RESULT_CODES = frozenset(int(c) for c in ResultCode)
 _DECISION_TAG = re.compile(r"<decision>\s*(POSITIVE|NEGATIVE)\s*</decision>", re.IGNORECASE)
 _TAGGED = {"positive": "approve", "negative": "reject"}
+
+
+def json_object(raw: bytes) -> dict[str, Any] | str:
+    """A backend's message as a JSON object, or why it is not one (``not_json``, ``not_an_object``)."""
+    try:
+        message = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return "not_json"
+    return message if isinstance(message, dict) else "not_an_object"
 
 
 def decision_of(text: str) -> str | None:
@@ -97,16 +105,13 @@ def parse_legacy_response(raw: bytes, listed_as: Kind) -> LegacyResponse | str:
     ``error``/``decision``. A final without ``result_code`` is 0, or 1 when it has an
     ``error``; without a ``decision``, its judgement's ``<decision>`` tag gives one.
     """
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return "not_json"
-    if not isinstance(message, dict):
-        return "not_an_object"
+    message = json_object(raw)
+    if isinstance(message, str):
+        return message
     session_id = message.get("session_id")
     if session_id is None:
         return "no_session_id"
-    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+    if not is_session_id(session_id):
         return "unknown_session"
     kind = listed_as if "type" not in message else _TYPES.get(str(message["type"]))
     if kind is None:

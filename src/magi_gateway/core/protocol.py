@@ -14,7 +14,7 @@ from typing import Any, Literal
 import orjson
 
 from magi_gateway.core.errors import FrameTooLarge, ProtocolError, TooManyAgents
-from magi_gateway.core.ids import AgentId, SessionId
+from magi_gateway.core.ids import AgentId, SessionId, is_session_id
 
 __all__ = [
     "AGENT_ID_PATTERN",
@@ -34,7 +34,6 @@ __all__ = [
 
 #: Agent ids are used in Redis key names, so they are kept to a safe alphabet.
 AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
-_SESSION_ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 _MAX_REQUEST_ID_CHARS = 128
 #: The largest seq a client may name: JSON-safe, and far above any session's length.
 MAX_SEQ = 2**53 - 1
@@ -130,7 +129,7 @@ def _invalid(message: str) -> ProtocolError:
 
 def _session_id(obj: dict[str, Any]) -> SessionId:
     value = _field(obj, "session_id")
-    if not isinstance(value, str) or not _SESSION_ID_PATTERN.fullmatch(value):
+    if not is_session_id(value):
         raise _invalid("session_id must be a session id returned by the gateway")
     return SessionId(value)
 

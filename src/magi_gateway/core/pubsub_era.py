@@ -16,20 +16,16 @@ verdict is in the streamed text, as ``<decision>POSITIVE|NEGATIVE</decision>``:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Literal
 
-import orjson
-
-from magi_gateway.core.ids import SessionId
-from magi_gateway.core.legacy import decision_of
+from magi_gateway.core.ids import SessionId, is_session_id
+from magi_gateway.core.legacy import decision_of, json_object
 
 __all__ = ["OriginalResponse", "Status", "VerdictText", "parse_original_response"]
 
 Status = Literal["processing", "streaming", "completed", "error"]
 _STATUSES: frozenset[str] = frozenset({"processing", "streaming", "completed", "error"})
-_SESSION_ID = re.compile(r"[0-9a-f]{32}")
 #: A ``<decision>`` tag split across chunks is found in this much of the text before a chunk.
 _TAG_WINDOW = 256
 _TRUNCATED = "\n[…]"
@@ -56,17 +52,14 @@ def parse_original_response(raw: bytes, channel_session: str | None) -> Original
 
     The session is the message's ``session_id``, else the one its channel names.
     """
-    try:
-        message = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return "not_json"
-    if not isinstance(message, dict):
-        return "not_an_object"
+    message = json_object(raw)
+    if isinstance(message, str):
+        return message
     kind = message.get("type")
     if kind not in ("agent_response", "agent_judgement_response"):
         return "other_type"  # get_voters_response and the like
     session_id = message.get("session_id", channel_session)
-    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+    if not is_session_id(session_id):
         return "unknown_session"
     status = message.get("status")
     if kind == "agent_judgement_response":
