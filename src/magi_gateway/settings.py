@@ -14,7 +14,12 @@ from urllib.parse import quote
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "comma_list"]
+
+
+def comma_list(text: str) -> list[str]:
+    """``text`` split on commas, blanks removed (the list settings and options)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 class Settings(BaseSettings):
@@ -150,7 +155,7 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         """``CORS_ORIGINS`` split on commas, blanks removed."""
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+        return comma_list(self.cors_origins)
 
     @property
     def trusts_proxies(self) -> bool:
@@ -160,12 +165,12 @@ class Settings(BaseSettings):
     @property
     def legacy_agent_list(self) -> list[str]:
         """``LEGACY_AGENTS`` split on commas, blanks removed."""
-        return [a.strip() for a in self.legacy_agents.split(",") if a.strip()]
+        return comma_list(self.legacy_agents)
 
     @property
     def pubsub_agent_list(self) -> list[str]:
         """``PUBSUB_AGENTS`` split on commas, blanks removed."""
-        return [a.strip() for a in self.pubsub_agents.split(",") if a.strip()]
+        return comma_list(self.pubsub_agents)
 
     @property
     def secrets_configured(self) -> bool:

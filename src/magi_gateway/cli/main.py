@@ -24,7 +24,7 @@ from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.jwt_auth import mint
 from magi_gateway.embedded import RedisServer, free_port
 from magi_gateway.logs import configure_logging
-from magi_gateway.settings import Settings
+from magi_gateway.settings import Settings, comma_list
 from magi_gateway.worker.legacy import LegacyBridge
 from magi_gateway.worker.pubsub_bridge import PubSubBridge
 from magi_gateway.worker.runner import Worker
@@ -172,7 +172,7 @@ def legacy_bridge(
     """Serve agents whose backends speak the original system's Redis lists."""
     settings = Settings()
     configure_logging("info", settings.log_format)
-    names = [a.strip() for a in agents.split(",") if a.strip()] if agents else settings.legacy_agent_list
+    names = comma_list(agents) if agents else settings.legacy_agent_list
     if not names:
         raise typer.BadParameter("name the legacy agents: --agents a,b or LEGACY_AGENTS")
     bridge = LegacyBridge(names, settings, burst=burst)
@@ -192,7 +192,7 @@ def pubsub_bridge(
     """Serve agents whose backends speak the original system's pub/sub channels."""
     settings = Settings()
     configure_logging("info", settings.log_format)
-    names = [a.strip() for a in agents.split(",") if a.strip()] if agents else settings.pubsub_agent_list
+    names = comma_list(agents) if agents else settings.pubsub_agent_list
     if not names:
         raise typer.BadParameter("name the agents: --agents a,b or PUBSUB_AGENTS")
     bridge = PubSubBridge(names, settings, burst=burst)
@@ -249,7 +249,7 @@ def ask(
     """Stream a judgement in the terminal."""
     settings = Settings()
     target = url or f"ws://127.0.0.1:{settings.port}/ws"
-    agent_ids = [a.strip() for a in agents.split(",") if a.strip()]
+    agent_ids = comma_list(agents)
     if token is not None:
         client = MagiClient(target, appid=appid or "", token=token)
     else:
