@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 import orjson
@@ -17,6 +20,7 @@ from starlette.applications import Starlette
 
 from magi_gateway.embedded import free_port
 from magi_gateway.server.gateway import Gateway
+from magi_gateway.worker.runner import Worker
 
 SECRET = "test-secret"
 APPID = "test-app"
@@ -201,3 +205,49 @@ def judgement_message(
 ) -> dict[str, Any]:
     """An ``agent_judgement`` client message."""
     return {"type": "agent_judgement", "agent_ids": agent_ids, "data": {"user_input": user_input}, **extra}
+
+
+async def wait_live(worker: Worker, task: asyncio.Task[None]) -> None:
+    """Wait for the worker's first heartbeat, so a gateway sees its agents as live
+    (a ``task`` running it that ended raises its error)."""
+    ids = list(worker.agents)
+    for _ in range(200):
+        if all((await worker.store.liveness.live_worker_counts(ids)).values()):
+            return
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+
+
+class Bridge(Protocol):
+    """A bridge to a backend of the original system: a worker run until stopped."""
+
+    @property
+    def worker(self) -> Worker: ...
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+B = TypeVar("B", bound=Bridge)
+
+
+@contextlib.asynccontextmanager
+async def running_bridges(make: Callable[..., B]) -> AsyncIterator[Callable[..., Awaitable[B]]]:
+    """``start(...)`` runs ``make(...)`` in this event loop until its agents are live; at the
+    end every bridge is stopped, and each must have ended cleanly."""
+    running: list[tuple[B, asyncio.Task[None]]] = []
+
+    async def start(*args: Any, **kwargs: Any) -> B:
+        bridge = make(*args, **kwargs)
+        task = asyncio.create_task(bridge.run())
+        running.append((bridge, task))
+        await wait_live(bridge.worker, task)
+        return bridge
+
+    yield start
+    for bridge, _task in running:
+        bridge.stop()
+    results = await asyncio.gather(*(task for _bridge, task in running), return_exceptions=True)
+    assert results == [None] * len(running)

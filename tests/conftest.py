@@ -25,7 +25,7 @@ from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Agent
 
-from ._support import SECRET, GatewayHandle
+from ._support import SECRET, GatewayHandle, wait_live
 
 pytest_plugins: list[str] = []
 
@@ -130,15 +130,7 @@ async def start_worker(
         worker = Worker(agents, kwargs.pop("settings", settings), **kwargs)
         task = asyncio.create_task(worker.run())
         running.append((worker, task))
-        # Wait for the first heartbeat, so the gateway sees the agents as live.
-        ids = list(worker.agents)
-        for _ in range(200):
-            counts = await worker.store.liveness.live_worker_counts(ids)
-            if all(counts.values()):
-                break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
+        await wait_live(worker, task)
         return worker
 
     yield start

@@ -37,7 +37,7 @@ from magi_gateway.worker.runner import Worker
 from magi_gateway.worker.sdk import Context, Judgement, agent
 
 from . import agents_for_tests
-from ._support import GatewayHandle, assert_well_formed, judge
+from ._support import GatewayHandle, assert_well_formed, judge, running_bridges
 
 LEGACY = ["oldie", "elder"]
 CHUNKS = 4
@@ -67,25 +67,12 @@ def store(redis_client: aioredis.Redis, settings: Settings) -> Store:
 @pytest.fixture
 async def start_bridge(legacy_settings: Settings) -> AsyncIterator[StartBridge]:
     """Run bridges in this event loop; stopped at teardown, which checks they ended cleanly."""
-    running: list[tuple[LegacyBridge, asyncio.Task[None]]] = []
 
-    async def start(settings: Settings | None = None, **kwargs: Any) -> LegacyBridge:
-        bridge = LegacyBridge(LEGACY, settings or legacy_settings, **kwargs)
-        task = asyncio.create_task(bridge.run())
-        running.append((bridge, task))
-        for _ in range(200):
-            if all((await bridge.worker.store.liveness.live_worker_counts(LEGACY)).values()):
-                break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        return bridge
+    def make(settings: Settings | None = None, **kwargs: Any) -> LegacyBridge:
+        return LegacyBridge(LEGACY, settings or legacy_settings, **kwargs)
 
-    yield start
-    for bridge, _task in running:
-        bridge.stop()
-    results = await asyncio.gather(*(task for _bridge, task in running), return_exceptions=True)
-    assert results == [None] * len(running)
+    async with running_bridges(make) as start:
+        yield start
 
 
 async def original_backend(redis_url: str, lists: LegacyKeys, end: str = "left") -> None:

@@ -26,7 +26,7 @@ from magi_gateway.redis.keys import Keys
 from magi_gateway.settings import Settings
 from magi_gateway.worker.pubsub_bridge import PubSubBridge
 
-from ._support import GatewayHandle, assert_well_formed, judge, spawn_process, stop_process
+from ._support import GatewayHandle, assert_well_formed, judge, running_bridges, spawn_process, stop_process
 
 AGENTS = ["sage", "seer", "scribe"]
 SID = SessionId("cd" * 16)
@@ -52,25 +52,8 @@ def bridge_settings(settings: Settings, key_prefix: str) -> Settings:
 @pytest.fixture
 async def start_bridge(bridge_settings: Settings) -> AsyncIterator[StartBridge]:
     """Run bridges in this event loop; stopped at teardown, which checks they ended cleanly."""
-    running: list[tuple[PubSubBridge, asyncio.Task[None]]] = []
-
-    async def start(**kwargs: Any) -> PubSubBridge:
-        bridge = PubSubBridge(AGENTS, bridge_settings, **kwargs)
-        task = asyncio.create_task(bridge.run())
-        running.append((bridge, task))
-        for _ in range(200):
-            if all((await bridge.worker.store.liveness.live_worker_counts(AGENTS)).values()):
-                break
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        return bridge
-
-    yield start
-    for bridge, _task in running:
-        bridge.stop()
-    results = await asyncio.gather(*(task for _bridge, task in running), return_exceptions=True)
-    assert results == [None] * len(running)
+    async with running_bridges(lambda **kwargs: PubSubBridge(AGENTS, bridge_settings, **kwargs)) as start:
+        yield start
 
 
 async def original_backend(
