@@ -102,7 +102,7 @@ async def test_create_session_writes_accepted_at_seq_1(store: Store, keys: Keys,
     assert info is not None
     assert info.appid == APP
     assert info.owner == OWNER
-    assert info.viewers == ((OWNER, OPENER),)  # the opening connection follows it
+    assert await store.viewers.entries(session_id) == [(OWNER, OPENER)]  # the opener follows it
     assert info.agent_ids == tuple(AGENTS)
     assert info.pending == frozenset(AGENTS)
     assert not info.completed

@@ -4,10 +4,9 @@ A session's log is written only through the script ``lua/append.lua``, which in 
 atomic step allocates the next seq, joins the frame's head and tail (both built by
 ``core.frames``) around it, stores it under stream id ``0-SEQ``, refreshes expiries,
 and publishes it once to each gateway instance with viewers of the session
-(``redis.viewers``). Finals are
-deduplicated there (one per agent, whoever writes first: worker, timeout or cancel);
-the writer of the last final also writes the ``agent_judgement_complete`` message,
-guarded so it exists once.
+(``redis.viewers``). Finals are deduplicated there (one per agent, whoever writes
+first: worker, timeout or cancel); the writer of the last final also writes the
+``agent_judgement_complete`` message, guarded so it exists once.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import orjson
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
+from magi_gateway.core.errors import BackendCommandError, GatewayError
 from magi_gateway.core.frames import SessionFrameType
 from magi_gateway.core.ids import AgentId, AppId, ConnectionId, InstanceId, SessionId
 from magi_gateway.core.notification import notify_prefix
@@ -66,13 +65,6 @@ class SessionInfo:
     deadline_ms: int
     completed: bool
     pending: frozenset[AgentId]
-    #: The registered viewers, ``(instance, connection)`` (``redis.viewers``).
-    viewers: tuple[tuple[InstanceId, ConnectionId], ...] = ()
-
-    @property
-    def viewer_instances(self) -> frozenset[InstanceId]:
-        """The instances notified of the session's messages."""
-        return frozenset(instance for instance, _ in self.viewers)
 
 
 class Store:
@@ -154,13 +146,8 @@ class Store:
         }
         tail = frames.accepted_tail(tuple(agent_ids), request_id)
         fields: list[str | int | bytes] = [item for pair in meta.items() for item in pair]
-        entry = viewer_entry(owner, viewer) if viewer is not None else ""
-        args = [
-            *self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""),
-            entry,
-            viewer_lease_ms,
-            len(fields),
-        ]
+        opener = [viewer_entry(owner, viewer) if viewer else "", viewer_lease_ms, len(fields)]
+        args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), *opener]
         with redis_errors():
             reply = await self._append(
                 keys=self.keys.session(session_id).all(), args=[*args, *fields, *agent_ids]
@@ -189,8 +176,7 @@ class Store:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(keys.meta)
                 pipe.smembers(keys.pending)
-                pipe.zrange(keys.viewers, 0, -1)
-                meta, pending, viewers = await pipe.execute()
+                meta, pending = await pipe.execute()
         if not meta:
             return None
         owner = meta.get(b"owner", b"").decode()
@@ -202,9 +188,6 @@ class Store:
             deadline_ms=int(meta[b"deadline_ms"]),
             completed=b"completed" in meta,
             pending=frozenset(AgentId(a.decode()) for a in pending),
-            viewers=tuple(
-                (InstanceId(i), ConnectionId(c)) for i, _, c in (v.decode().partition(" ") for v in viewers)
-            ),
         )
 
     async def result_code(self, session_id: SessionId, agent_id: AgentId) -> ResultCode | None:
@@ -385,10 +368,3 @@ class Store:
         """Add a request to the agent's stream for ``appid``, outside any intake mark."""
         intake = PendingIntake(session_id, appid, (agent_id,), user_input, deadline_ms, extra)
         await self.intake.enqueue(intake, marked=False)
-
-
-def _unavailable(cause: Exception) -> BackendUnavailable:
-    """A Redis failure as the ``BackendUnavailable`` callers retry."""
-    failure = BackendUnavailable("Backend temporarily unavailable")
-    failure.__cause__ = cause
-    return failure

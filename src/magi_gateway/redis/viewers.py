@@ -1,6 +1,6 @@
 """A session's viewers: the connections, on any gateway instance, that follow it.
 
-``P:s:{SID}:viewers`` (a sorted set in the session's hash slot) holds one entry
+The session's ``viewers`` key (a sorted set in its hash slot, ``redis.keys``) holds one entry
 ``"INSTANCE CONNECTION"`` per viewer, scored by its lease expiry (ms, Redis clock). The
 append scripts publish each message once to every instance named there; an instance
 registers a connection when it starts following (``join``, refused over the bound,
