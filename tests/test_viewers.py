@@ -407,3 +407,31 @@ async def test_viewers_of_a_killed_instance_stop_counting_after_their_lease(
         assert seen + rest == await logged(store, session_id)
     finally:
         await asyncio.to_thread(stop_process, doomed.process)
+
+
+async def test_a_stopping_instance_removes_its_viewers_at_once(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, store: Store
+) -> None:
+    gated = Gated("gated", before=2, after=2)
+    await start_worker([gated.agent])
+    live = await start_gateway(settings)
+    stopping = await asyncio.to_thread(spawn_gateway, _env(settings), "warning")  # leases of 30 s
+    assert stopping.process is not None
+    try:
+        async with viewer(live) as (opener, opener_id):
+            seen = await open_session(opener, "gated", 2)
+            session_id = seen[0]["session_id"]
+            async with viewer(stopping) as (leaving, _):
+                await send(leaving, resume(session_id, 0))
+                assert await receive(leaving, 3) == seen
+                assert len(await entries(store, session_id)) == 2
+                stopping.process.send_signal(signal.SIGTERM)
+                assert await asyncio.to_thread(stopping.process.wait, 10) in (0, -signal.SIGTERM)
+            # Gone with it, long before its lease would have run out.
+            instance = live.gateway.instance_id  # type: ignore[union-attr]
+            assert await entries(store, session_id) == {(instance, opener_id)}
+            gated.gate.set()
+            seen += await collect_until_complete(opener, session_id)
+        assert seen == await logged(store, session_id)
+    finally:
+        await asyncio.to_thread(stop_process, stopping.process)

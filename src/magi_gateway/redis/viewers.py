@@ -84,9 +84,13 @@ class Viewers:
         codes: list[int] = []
         for start in range(0, len(viewers), RENEW_BATCH):
             batch = viewers[start : start + RENEW_BATCH]
-            codes += await asyncio.gather(
-                *(self._call("renew", sid, viewer_entry(instance_id, cid), lease_ms, 0) for sid, cid in batch)
-            )
+            calls = [self._call("renew", sid, viewer_entry(instance_id, c), lease_ms, 0) for sid, c in batch]
+            # Every call ends before this returns, failed or not: none is left running.
+            replies = await asyncio.gather(*calls, return_exceptions=True)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    raise reply
+                codes.append(reply)
         return codes
 
     async def leave(self, instance_id: InstanceId, viewers: Sequence[tuple[SessionId, ConnectionId]]) -> None:

@@ -167,6 +167,14 @@ class Delivery:
         with contextlib.suppress(BackendUnavailable, BackendCommandError):
             await self.store.viewers.leave(self.instance_id, viewers)
 
+    async def leave_all(self) -> None:
+        """On shutdown: remove every viewer here from Redis at once, rather than letting
+        their leases run out (other instances keep publishing to a dead channel meanwhile)."""
+        registered = [session for session in self.viewers() if session.registered]
+        for session in registered:
+            session.registered = False  # their connections' closes need not remove them again
+        await self._leave([(s.id, s.connection.id) for s in registered])
+
     def push(self, session: LocalSession, seq: int, kind: bytes, frame: bytes) -> None:
         """Hand one frame (of type ``kind``) to the session's connection."""
         state = session.state
@@ -192,13 +200,15 @@ class Delivery:
             return
         batch = messages if isinstance(messages, (tuple, list)) else tuple(messages)
         for session in list(viewers.values()):
-            self._deliver_to(session, batch)
+            self._deliver_to(viewers, session, batch)
 
-    def _deliver_to(self, session: LocalSession, messages: Sequence[Message]) -> None:
-        state = session.state
+    def _deliver_to(
+        self, viewers: dict[ConnectionId, LocalSession], session: LocalSession, messages: Sequence[Message]
+    ) -> None:
+        state, connection_id = session.state, session.connection.id
         for message in messages:
-            if not self._current(session):
-                return
+            if viewers.get(connection_id) is not session:
+                return  # the complete was handed over, or the connection closed
             action = state.on_notification(message.seq)
             if action is Action.SEND:
                 self.push(session, message.seq, message.type, message.frame)

@@ -13,7 +13,8 @@ connections watch. The parts, one module each::
     AdminExecutor signed admin commands (server.admin)
 
 Shutdown, top to bottom (``stop``): stop accepting connections, close every client
-with 1012, stop the background tasks (listener, sweep, replays), close Redis.
+with 1012, remove this instance's viewers from Redis, stop the background tasks
+(listener, sweep, lease renewal, replays), close Redis.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ _STOP_TIMEOUT_S = 5.0
 #: How long a ``/metrics`` scrape waits for Redis before showing the last known values.
 _METRICS_TIMEOUT_S = 1.0
 _STARTUP_SUBSCRIBE_S = 5.0
+#: How long a stopping instance tries to remove its viewers from Redis (else their leases end).
+_LEAVE_TIMEOUT_S = 1.0
 
 
 class Gateway:
@@ -152,6 +155,8 @@ class Gateway:
         self.accepting = False
         for connection in list(self._connections.values()):
             connection.request_close(CLOSE_SERVICE_RESTART, "Service restart")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.delivery.leave_all(), _LEAVE_TIMEOUT_S)
         await cancel_and_wait(self._tasks, _STOP_TIMEOUT_S)
         await self.listener.redis.aclose()
         await self.redis.aclose()
