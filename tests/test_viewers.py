@@ -435,3 +435,31 @@ async def test_a_stopping_instance_removes_its_viewers_at_once(
         assert seen == await logged(store, session_id)
     finally:
         await asyncio.to_thread(stop_process, stopping.process)
+
+
+async def test_a_viewer_dropped_from_redis_is_registered_again_and_misses_nothing(
+    settings: Settings,
+    start_gateway: StartGateway,
+    start_worker: StartWorker,
+    store: Store,
+    redis_client: Redis,
+) -> None:
+    """What happens to an instance cut off from Redis for longer than the lease, whose
+    viewers another instance pruned: its renewal registers them again, and they replay."""
+    leased = settings.model_copy(update={"viewer_lease_s": 0.6})
+    gated = Gated("gated", before=2, after=10)
+    await start_worker([gated.agent])
+    first, second = await start_gateway(leased), await start_gateway(leased)
+    async with viewer(first) as (opener, _), viewer(second) as (follower, follower_id):
+        seen = await open_session(opener, "gated", 2)
+        session_id = seen[0]["session_id"]
+        await send(follower, resume(session_id, 0))
+        follower_seen = await receive(follower, 3)
+        instance = second.gateway.instance_id  # type: ignore[union-attr]
+        viewers_key = Keys(settings.redis_key_prefix).session(SessionId(session_id)).viewers
+        assert await redis_client.zrem(viewers_key, f"{instance} {follower_id}") == 1
+        gated.gate.set()  # logged while the follower's instance is not notified
+        seen += await collect_until_complete(opener, session_id)
+        follower_seen += await collect_until_complete(follower, session_id)
+        assert (instance, follower_id) in await entries(store, session_id)
+    assert follower_seen == seen == await logged(store, session_id)
