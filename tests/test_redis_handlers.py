@@ -456,6 +456,20 @@ async def test_notifications_reach_every_instance_with_viewers_once(
         await other.aclose()
 
 
+async def test_a_session_without_viewers_is_published_to_its_owner(store: Store, owner_channel: PubSub) -> None:
+    """A session opened by a gateway from before viewers (no viewer registered), or that
+    every viewer left: its messages go to the instance that opened it, as they used to."""
+    session_id = new_session_id()
+    await store.create_session(session_id, APP, OWNER, ["melchior"], now_ms() + TIMEOUT_MS, None)
+    assert await store.viewers.entries(session_id) == []
+    await store.append_stream(session_id, "melchior", {"thinking": "a"})
+    chunk = frames.stream_tail("melchior", {"thinking": "b"})
+    await store.append_streams([(session_id, "melchior", chunk)])
+    for seq in (1, 2, 3):
+        assert (await next_notification(owner_channel)).startswith(f"{session_id}\n{seq}\n".encode())
+    assert await owner_channel.get_message(timeout=0.2) is None
+
+
 async def test_enqueued_requests_decode_with_request_from_fields(
     store: Store, keys: Keys, redis_client: Redis
 ) -> None:

@@ -14,7 +14,8 @@
 --   head           the frame up to its seq, built by core/frames.py
 --   tail           the frame after its seq (with the leading comma's object fields)
 --   notify_prefix  "SESSION_ID\n", the notification's first line (core/notification.py)
--- The message is published once to each instance named in the viewers set (redis/viewers.py).
+-- The message is published once to each instance named in the viewers set (redis/viewers.py);
+-- with none there, to the owner (the opening instance), as gateways before viewers expect.
 -- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
 -- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending,
 -- -6 exists already (create).
@@ -47,9 +48,11 @@ local frame = ARGV[3] .. seq .. ',' .. ARGV[4]
 redis.call('XADD', KEYS[1], '0-' .. seq, 't', ARGV[2], 'f', frame)
 local ttl = redis.call('HGET', meta, mode == 'complete' and 'retention_ms' or 'ttl_ms')
 for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
-local notified = {}
-for _, viewer in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
-  local instance = string.match(viewer, '^%S+')
+local viewers = redis.call('ZRANGE', KEYS[6], 0, -1)
+if #viewers == 0 then viewers = {redis.call('HGET', meta, 'owner') or ''} end
+local notified = {['']=true}
+for _, viewer in ipairs(viewers) do
+  local instance = string.match(viewer, '^%S+') or ''
   if not notified[instance] then
     notified[instance] = true
     redis.call('PUBLISH', ARGV[7] .. instance, ARGV[8] .. seq .. '\n' .. ARGV[2] .. '\n' .. frame)
