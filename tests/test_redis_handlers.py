@@ -456,7 +456,9 @@ async def test_notifications_reach_every_instance_with_viewers_once(
         await other.aclose()
 
 
-async def test_a_session_without_viewers_is_published_to_its_owner(store: Store, owner_channel: PubSub) -> None:
+async def test_a_session_without_viewers_is_published_to_its_owner(
+    store: Store, owner_channel: PubSub
+) -> None:
     """A session opened by a gateway from before viewers (no viewer registered), or that
     every viewer left: its messages go to the instance that opened it, as they used to."""
     session_id = new_session_id()
