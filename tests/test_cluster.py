@@ -41,6 +41,11 @@ from .test_delivery import (  # noqa: F401 - collected here again, on the cluste
     test_timeout_is_enforced_after_the_starting_gateway_died,
 )
 from .test_e2e import test_two_gateway_processes_and_an_agent_process  # noqa: F401
+from .test_viewers import (  # noqa: F401 - collected here again, on the cluster
+    test_one_viewer_disconnecting_does_not_disturb_the_others,
+    test_over_the_viewer_limit_resume_is_refused_and_the_connection_stays,
+    test_viewers_of_one_session_receive_identical_sequences,
+)
 
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
 StartWorker = Callable[..., Awaitable[Worker]]

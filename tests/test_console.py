@@ -27,6 +27,7 @@ from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
+from ._delivery_helpers import Gated
 from ._support import APPID, SECRET, GatewayHandle, make_token
 
 try:
@@ -280,6 +281,52 @@ async def test_a_dropped_connection_resumes_with_nothing_missing(
     assert history[:3] == ["disconnected", "connecting", "connected"]
     assert history.count("reconnecting") == 2
     assert history[-1] == "connected"
+
+
+async def test_two_tabs_on_one_session_show_the_same_panels(
+    gateway: GatewayHandle, start_worker: StartWorker, console: Console, shots: Path
+) -> None:
+    """The session's address opened in a second tab follows it too; the first tab keeps it."""
+    gated = Gated("melchior", before=2, after=3)  # holds the session open while tab two joins
+    await start_worker([gated.agent, *(a for a in demo_agents(delay_s=0.05) if a.agent_id != "melchior")])
+    first = console
+    await first.open(gateway)
+    await first.connect()
+    await first.expect_state("connected")
+    await first.submit()
+    melchior = "document.querySelector('.panel[data-agent-id=melchior]')"
+    before_gate = f"() => Number({melchior}?.dataset.chunks) >= 2"
+    await first.wait_for(before_gate)
+    session_id = await first.page.get_attribute("#session", "data-session-id")
+    assert session_id
+    assert first.page.url.endswith(f"#session={session_id}")  # the address to open elsewhere
+
+    second = Console(await first.page.context.new_page(), shots)
+    try:
+        await second.page.goto(first.page.url)
+        await second.connect()
+        await second.expect_state("connected")
+        await second.wait_for(before_gate)  # replayed from seq 1: the same panels, built from it
+        assert await second.page.get_attribute("#session", "data-session-id") == session_id
+        gated.gate.set()
+        for tab in (first, second):
+            await tab.wait_for_verdict("approve")
+        await second.shot("second-tab")
+        panels = await first.panels()
+        assert await second.panels() == panels
+        assert [panels[a]["name"] for a in TRIO] == ["MELCHIOR-1", "BALTHASAR-2", "CASPER-3"]
+        lines = [f"before {i}" for i in range(2)] + [f"after {i}" for i in range(3)]
+        assert panels["melchior"]["lines"] == lines
+        assert all(p["state"] == "decided" for p in panels.values())
+        seqs = await first.seqs()
+        assert seqs == list(range(1, TRIO_MESSAGES + 1))  # nothing taken from the first tab
+        assert await second.seqs() == seqs
+        for tab in (first, second):
+            assert await tab.page.text_content("#verdict-text") == "approve"
+            await expect(tab.page.locator("#session")).to_have_attribute("data-duplicates", "0")
+    finally:
+        await second.page.close()
+    assert second.errors == []
 
 
 async def test_wrong_secret_shows_auth_failed_and_does_not_retry(

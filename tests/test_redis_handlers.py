@@ -38,6 +38,8 @@ from ._support import (
 )
 
 OWNER = "instance-under-test"
+#: The connection that opens the test's sessions (on OWNER), their first viewer.
+OPENER = "connection-under-test"
 APP = "app-1"
 AGENTS = ["melchior", "balthasar", "casper"]
 RETENTION_S = 5
@@ -69,6 +71,7 @@ async def new_session(
         agents or AGENTS,
         now_ms() + TIMEOUT_MS,
         request_id,
+        viewer=OPENER,
     )
     return session_id
 
@@ -99,6 +102,7 @@ async def test_create_session_writes_accepted_at_seq_1(store: Store, keys: Keys,
     assert info is not None
     assert info.appid == APP
     assert info.owner == OWNER
+    assert await store.viewers.entries(session_id) == [(OWNER, OPENER)]  # the opener follows it
     assert info.agent_ids == tuple(AGENTS)
     assert info.pending == frozenset(AGENTS)
     assert not info.completed
@@ -276,7 +280,13 @@ async def test_every_session_key_expires_and_completion_shortens_it_to_the_reten
     # The pending set is empty now, so Redis removed it; everything else is kept for the retention.
     assert not await redis_client.exists(session_keys.pending)
     remaining = {k.decode() async for k in redis_client.scan_iter(match=f"{keys.prefix}:s:*")}
-    assert remaining == {session_keys.log, session_keys.seq, session_keys.meta, session_keys.results}
+    assert remaining == {
+        session_keys.log,
+        session_keys.seq,
+        session_keys.meta,
+        session_keys.results,
+        session_keys.viewers,
+    }
     for key in remaining:
         ttl = await redis_client.pttl(key)
         assert 0 < ttl <= RETENTION_S * 1000, key
@@ -418,7 +428,7 @@ async def test_every_logged_message_is_published_to_the_owner(store: Store, owne
         assert orjson.loads(rest)["seq"] == seq
 
 
-async def test_notifications_follow_the_owner(
+async def test_notifications_reach_every_instance_with_viewers_once(
     store: Store, owner_channel: PubSub, redis_client: Redis, keys: Keys
 ) -> None:
     session_id = await new_session(store, ["melchior"], owner="someone-else")
@@ -427,12 +437,39 @@ async def test_notifications_follow_the_owner(
     try:
         await store.append_stream(session_id, "melchior", {"thinking": "a"})
         assert (await next_notification(other)).startswith(f"{session_id}\n2\n".encode())
-        await store.set_owner(session_id, OWNER)
+        # Two more viewers on OWNER: it is notified too, once per message; nobody is moved.
+        for connection in ("c1", "c2"):
+            await store.viewers.join(session_id, OWNER, connection, max_viewers=16, lease_ms=30_000)
         await store.append_stream(session_id, "melchior", {"thinking": "b"})
-        assert (await next_notification(owner_channel)).startswith(f"{session_id}\n3\n".encode())
+        chunk = frames.stream_tail("melchior", {"thinking": "c"})
+        await store.append_streams([(session_id, "melchior", chunk)])  # the chunk script too
+        for channel in (owner_channel, other):
+            assert (await next_notification(channel)).startswith(f"{session_id}\n3\n".encode())
+            assert (await next_notification(channel)).startswith(f"{session_id}\n4\n".encode())
+            assert await channel.get_message(timeout=0.2) is None
+        # The opener's viewer leaves: its instance is no longer notified.
+        await store.viewers.leave("someone-else", [(session_id, OPENER)])
+        await store.append_stream(session_id, "melchior", {"thinking": "d"})
+        assert (await next_notification(owner_channel)).startswith(f"{session_id}\n5\n".encode())
         assert await other.get_message(timeout=0.2) is None
     finally:
         await other.aclose()
+
+
+async def test_a_session_without_viewers_is_published_to_its_owner(
+    store: Store, owner_channel: PubSub
+) -> None:
+    """A session opened by a gateway from before viewers (no viewer registered), or that
+    every viewer left: its messages go to the instance that opened it, as they used to."""
+    session_id = new_session_id()
+    await store.create_session(session_id, APP, OWNER, ["melchior"], now_ms() + TIMEOUT_MS, None)
+    assert await store.viewers.entries(session_id) == []
+    await store.append_stream(session_id, "melchior", {"thinking": "a"})
+    chunk = frames.stream_tail("melchior", {"thinking": "b"})
+    await store.append_streams([(session_id, "melchior", chunk)])
+    for seq in (1, 2, 3):
+        assert (await next_notification(owner_channel)).startswith(f"{session_id}\n{seq}\n".encode())
+    assert await owner_channel.get_message(timeout=0.2) is None
 
 
 async def test_enqueued_requests_decode_with_request_from_fields(

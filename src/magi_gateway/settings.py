@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     max_sessions_per_app: int = Field(1000, ge=0)
     #: Sessions an appid may open per second across every instance (over it: ``rate_limited``); 0: no limit.
     max_sessions_per_s_per_app: float = Field(100.0, ge=0)
+    #: Connections following one session at once, across every instance (over it, a
+    #: ``resume`` is refused with ``too_many_viewers``).
+    max_viewers_per_session: int = Field(16, ge=1)
+    #: A viewer's registration in Redis lasts this long unless its instance renews it (every
+    #: third of it): a dead instance's viewers stop counting and being notified after it.
+    viewer_lease_s: float = Field(30.0, ge=0.3)
     #: Open connections (HTTP and WebSocket) per gateway instance; above it a request, or a
     #: WebSocket upgrade, is answered 503 and the connection closed (``/healthz`` exempt).
     max_connections: int = Field(16384, ge=1)

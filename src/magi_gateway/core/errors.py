@@ -10,6 +10,7 @@
      ├── SessionNotFound        unknown or expired session, or another app's
      ├── RateLimited            too many messages on one connection, or sessions for one appid
      ├── TooManySessions        an appid's quota of running sessions is used up
+     ├── TooManyViewers         a session has ``max_viewers_per_session`` viewers already
      ├── BackendUnavailable     Redis unreachable; converted at the Redis boundary
      ├── BackendCommandError    Redis refused a command (a bug or bad data): not retried
      └── AgentError             raised by an agent; its text becomes ``data.error``
@@ -37,6 +38,7 @@ __all__ = [
     "SessionNotFound",
     "TooManyAgents",
     "TooManySessions",
+    "TooManyViewers",
 ]
 
 #: WebSocket close code sent after an authentication failure.
@@ -104,6 +106,12 @@ class TooManySessions(GatewayError):
     """The appid has ``max_sessions_per_app`` sessions running (across every instance)."""
 
     code = "too_many_sessions"
+
+
+class TooManyViewers(GatewayError):
+    """A session is followed by ``max_viewers_per_session`` connections (across every instance)."""
+
+    code = "too_many_viewers"
 
 
 class BackendUnavailable(GatewayError):

@@ -4,7 +4,8 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
 
     P:s:{SID}:log        stream   the session's durable message log, entry id 0-SEQ
     P:s:{SID}:seq        string   last allocated seq
-    P:s:{SID}:meta       hash     appid, owner instance, agents, deadline, completed
+    P:s:{SID}:meta       hash     appid, owner (opening) instance, agents, deadline, completed
+    P:s:{SID}:viewers    zset     "INSTANCE CONNECTION" of each viewer -> lease expiry (ms)
     P:s:{SID}:pending    set      agents that still owe a final
     P:s:{SID}:results    hash     agent -> {"result_code", "decision"} (for the verdict)
     P:idem:LEN:APPID:RID string   request_id -> session id (idempotency; LEN = len(APPID))
@@ -17,7 +18,7 @@ Layout (``P`` is the configurable prefix, ``magi`` by default)::
     {P}:app:LEN:APPID:running  zset  the appid's running sessions, score = deadline (ms)
     {P}:app:LEN:APPID:rate     string  sessions the appid opened this second
     {P}:unqueued:due     zset     session id -> when the repair sweep queues them (ms)
-    P:gw:INSTANCE        channel  notifications for the gateway instance owning a session
+    P:gw:INSTANCE        channel  notifications for a gateway instance with viewers of a session
     P:cancel             channel  session ids whose agents workers must stop
     P:admin              channel  signed admin commands, for every gateway instance
     P:ready:INSTANCE     string   written by /readyz to prove Redis takes writes (5 s expiry)
@@ -72,10 +73,11 @@ class SessionKeys:
     meta: str
     pending: str
     results: str
+    viewers: str
 
     def all(self) -> list[str]:
         """All keys, in the order the Lua scripts expect them."""
-        return [self.log, self.seq, self.meta, self.pending, self.results]
+        return [self.log, self.seq, self.meta, self.pending, self.results, self.viewers]
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +127,7 @@ class Keys:
             meta=f"{base}:meta",
             pending=f"{base}:pending",
             results=f"{base}:results",
+            viewers=f"{base}:viewers",
         )
 
     def idempotency(self, appid: AppId, request_id: str) -> str:
@@ -202,7 +205,7 @@ class Keys:
 
     @property
     def gateway_channel_prefix(self) -> str:
-        """Prefix the Lua scripts complete with the owning instance id."""
+        """Prefix the Lua scripts complete with the id of each instance with viewers."""
         return f"{self.prefix}:gw:"
 
     def gateway_channel(self, instance_id: InstanceId) -> str:

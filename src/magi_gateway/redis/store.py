@@ -3,10 +3,10 @@
 A session's log is written only through the script ``lua/append.lua``, which in one
 atomic step allocates the next seq, joins the frame's head and tail (both built by
 ``core.frames``) around it, stores it under stream id ``0-SEQ``, refreshes expiries,
-and publishes it to the gateway instance that owns the session. Finals are
-deduplicated there (one per agent, whoever writes first: worker, timeout or cancel);
-the writer of the last final also writes the ``agent_judgement_complete`` message,
-guarded so it exists once.
+and publishes it once to each gateway instance with viewers of the session
+(``redis.viewers``). Finals are deduplicated there (one per agent, whoever writes
+first: worker, timeout or cancel); the writer of the last final also writes the
+``agent_judgement_complete`` message, guarded so it exists once.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import orjson
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
+from magi_gateway.core.errors import BackendCommandError, GatewayError
 from magi_gateway.core.frames import SessionFrameType
-from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
+from magi_gateway.core.ids import AgentId, AppId, ConnectionId, InstanceId, SessionId
 from magi_gateway.core.notification import notify_prefix
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
 from magi_gateway.redis.chunks import ChunkWriter
@@ -33,6 +33,7 @@ from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
 from magi_gateway.redis.signals import Signals
+from magi_gateway.redis.viewers import Viewers, viewer_entry
 
 __all__ = ["REQUEST_STREAM_TTL_MS", "AgentStats", "AppendResult", "SessionInfo", "Store"]
 
@@ -59,6 +60,7 @@ class SessionInfo:
     session_id: SessionId
     appid: AppId
     agent_ids: tuple[AgentId, ...]
+    #: The instance that opened the session.
     owner: InstanceId | None
     deadline_ms: int
     completed: bool
@@ -98,6 +100,8 @@ class Store:
         self.signals = Signals(redis, keys)
         #: Thinking chunks, many per round trip.
         self.chunks = ChunkWriter(redis, keys)
+        #: The connections following each session (where its messages are published).
+        self.viewers = Viewers(redis, keys)
 
     # -- sessions --------------------------------------------------------------
 
@@ -111,6 +115,8 @@ class Store:
         request_id: str | None,
         *,
         intake: PendingIntake | None = None,
+        viewer: ConnectionId | None = None,
+        viewer_lease_ms: int = 30_000,
     ) -> None:
         """Create the session's keys and write ``agent_judgement_accepted`` (seq 1), in one
         script call: a session never exists without its first message (a gateway killed
@@ -121,7 +127,8 @@ class Store:
         the deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
         written with that check, in the deployment's slot: a session that exists is always
         swept at its deadline, and its requests are queued even if the caller fails
-        before ``intake.enqueue``.
+        before ``intake.enqueue``. ``viewer``, the opening connection (on ``owner``), is
+        registered as the session's first viewer (see ``redis.viewers``).
         """
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
         # The deadline set is one key for all sessions, so not in the script below (which
@@ -139,7 +146,8 @@ class Store:
         }
         tail = frames.accepted_tail(tuple(agent_ids), request_id)
         fields: list[str | int | bytes] = [item for pair in meta.items() for item in pair]
-        args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), len(fields)]
+        opener = [viewer_entry(owner, viewer) if viewer else "", viewer_lease_ms, len(fields)]
+        args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), *opener]
         with redis_errors():
             reply = await self._append(
                 keys=self.keys.session(session_id).all(), args=[*args, *fields, *agent_ids]
@@ -187,11 +195,6 @@ class Store:
         with redis_errors():
             summary: Any = await self.redis.hget(self.keys.session(session_id).results, agent_id)
         return None if summary is None else ResultCode(orjson.loads(summary)["result_code"])
-
-    async def set_owner(self, session_id: SessionId, owner: InstanceId) -> None:
-        """Route the session's notifications to ``owner`` from now on."""
-        with redis_errors():
-            await self.redis.hset(self.keys.session(session_id).meta, "owner", owner)
 
     async def read_log(
         self, session_id: SessionId, first_seq: int, last_seq: int | None = None, *, count: int | None = None
@@ -365,10 +368,3 @@ class Store:
         """Add a request to the agent's stream for ``appid``, outside any intake mark."""
         intake = PendingIntake(session_id, appid, (agent_id,), user_input, deadline_ms, extra)
         await self.intake.enqueue(intake, marked=False)
-
-
-def _unavailable(cause: Exception) -> BackendUnavailable:
-    """A Redis failure as the ``BackendUnavailable`` callers retry."""
-    failure = BackendUnavailable("Backend temporarily unavailable")
-    failure.__cause__ = cause
-    return failure

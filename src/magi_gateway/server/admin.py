@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -22,7 +23,8 @@ __all__ = ["AdminExecutor"]
 
 logger = logging.getLogger(__name__)
 
-#: Sessions one instance lists in its answer to ``admin sessions``.
+#: Deliveries (a session and one connection viewing it) one instance lists in its answer
+#: to ``admin sessions``.
 _ADMIN_MAX_SESSIONS = 1000
 #: A command's nonce first seen (by any instance) longer ago than this is a replay. One
 #: publication reaches every subscribed instance well within it.
@@ -99,7 +101,7 @@ class AdminExecutor:
                     "connection_id": s.connection.id,
                     "last_seq": s.state.last_seq,
                 }
-                for s in list(self.delivery.sessions.values())[:_ADMIN_MAX_SESSIONS]
+                for s in itertools.islice(self.delivery.viewers(), _ADMIN_MAX_SESSIONS)
             ]
         try:
             await self.store.signals.answer_admin(command.reply_to, orjson.dumps(reply))

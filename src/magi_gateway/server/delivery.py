@@ -1,6 +1,10 @@
 """Delivery of session messages to this instance's connections: the driver of
 ``core.delivery.SessionDelivery``.
 
+A session may have any number of viewers (connections following it, here and on other
+instances, see ``redis.viewers``); each viewer here has its own delivery, cursor and
+replay, so each gets every message once, in order, however the others read.
+
 Live notifications are handled synchronously (``deliver`` never awaits, so one slow
 session cannot stall the listener that serves every session). When the core says
 ``REPLAY`` (a notification skipped ahead) or a connection attaches with a
@@ -14,16 +18,17 @@ Which sessions a connection watches is derived from this index, never kept twice
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any
 
 from magi_gateway._util import Backoff
 from magi_gateway.core import frames
 from magi_gateway.core.delivery import Action, SessionDelivery
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
-from magi_gateway.core.ids import ConnectionId, SessionId
+from magi_gateway.core.ids import ConnectionId, InstanceId, SessionId
 from magi_gateway.core.notification import Message
 from magi_gateway.redis.store import Store
 from magi_gateway.server import metrics
@@ -44,13 +49,15 @@ _FIRST_PAGE = 64
 
 
 class LocalSession:
-    """A session delivered to one of this instance's connections."""
+    """A session delivered to one of this instance's connections (one viewer of it)."""
 
-    __slots__ = ("connection", "state")
+    __slots__ = ("connection", "registered", "state")
 
-    def __init__(self, state: SessionDelivery, connection: Connection) -> None:
+    def __init__(self, state: SessionDelivery, connection: Connection, *, registered: bool) -> None:
         self.state = state
         self.connection = connection
+        #: Whether this viewer is registered in Redis (to renew, and to remove when it stops).
+        self.registered = registered
 
     @property
     def id(self) -> SessionId:
@@ -59,13 +66,23 @@ class LocalSession:
 
 
 class Delivery:
-    """The sessions this instance delivers, by id and by connection."""
+    """The sessions this instance delivers: by id, each to its viewers here, and by connection."""
 
-    def __init__(self, store: Store, spawn: Spawn, backoff: Callable[[], Backoff]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        spawn: Spawn,
+        backoff: Callable[[], Backoff],
+        instance_id: InstanceId,
+        is_open: Callable[[Connection], bool] = lambda _: True,
+    ) -> None:
         self.store = store
         self._spawn = spawn
         self._backoff = backoff
-        self.sessions: dict[SessionId, LocalSession] = {}
+        self.instance_id = instance_id
+        self._is_open = is_open
+        #: Session -> its viewers here, by connection.
+        self.sessions: dict[SessionId, dict[ConnectionId, LocalSession]] = {}
         self._by_connection: dict[ConnectionId, set[SessionId]] = {}
         self._delivering = metrics.SESSIONS.labels("delivering")
 
@@ -73,40 +90,90 @@ class Delivery:
         """The sessions delivered to ``connection``."""
         return frozenset(self._by_connection.get(connection.id, ()))
 
+    def viewer(self, session_id: SessionId, connection: Connection) -> LocalSession | None:
+        """The delivery of ``session_id`` to ``connection``, if there is one."""
+        viewers = self.sessions.get(session_id)
+        session = viewers.get(connection.id) if viewers is not None else None
+        return session if session is not None and session.connection is connection else None
+
+    def viewers(self) -> Iterator[LocalSession]:
+        """Every delivery here (a snapshot: safe to change the index meanwhile)."""
+        return iter([session for viewers in self.sessions.values() for session in viewers.values()])
+
     def track(
-        self, session_id: SessionId, connection: Connection, last_seq: int, started: float | None = None
+        self,
+        session_id: SessionId,
+        connection: Connection,
+        last_seq: int,
+        started: float | None = None,
+        *,
+        registered: bool = False,
     ) -> LocalSession:
-        """Deliver ``session_id`` to ``connection`` from ``last_seq`` on (moving it if needed)."""
-        previous = self.sessions.get(session_id)
+        """Deliver ``session_id`` to ``connection`` from ``last_seq`` on (replacing its
+        earlier delivery to that connection, if any; other viewers are not touched)."""
+        session = LocalSession(
+            SessionDelivery(session_id, connection.id, last_seq, started), connection, registered=registered
+        )
+        previous = self.viewer(session_id, connection)
         if previous is not None:
-            self._unindex(previous)
-        session = LocalSession(SessionDelivery(session_id, connection.id, last_seq, started), connection)
-        self.sessions[session_id] = session
+            session.registered = session.registered or previous.registered
+        self.sessions.setdefault(session_id, {})[connection.id] = session
         self._by_connection.setdefault(connection.id, set()).add(session_id)
         self._delivering.set(len(self.sessions))
         return session
 
-    def untrack(self, session: LocalSession) -> None:
-        """Stop delivering ``session`` here."""
-        if self.sessions.get(session.id) is session:
+    def untrack(self, session: LocalSession, *, unregister: bool = False) -> None:
+        """Stop delivering ``session`` to its connection (``unregister``: in Redis too)."""
+        viewers = self.sessions.get(session.id)
+        if viewers is None or viewers.get(session.connection.id) is not session:
+            return
+        del viewers[session.connection.id]
+        if not viewers:
             del self.sessions[session.id]
-            self._unindex(session)
-            self._delivering.set(len(self.sessions))
-
-    def _unindex(self, session: LocalSession) -> None:
         watched = self._by_connection.get(session.connection.id)
         if watched is not None:
             watched.discard(session.id)
             if not watched:
                 del self._by_connection[session.connection.id]
+        self._delivering.set(len(self.sessions))
+        if unregister and session.registered:
+            self._unregister([(session.id, session.connection.id)])
 
     def forget_connection(self, connection: Connection) -> None:
-        """A connection closed: stop delivering its sessions (they run on in Redis)."""
+        """A connection closed: it stops being a viewer of its sessions (they run on in Redis)."""
+        gone: list[tuple[SessionId, ConnectionId]] = []
         for session_id in self.sessions_of(connection):
-            session = self.sessions.get(session_id)
-            if session is not None and session.connection is connection:
+            session = self.viewer(session_id, connection)
+            if session is not None:
                 self.untrack(session)
+                if session.registered:
+                    gone.append((session_id, connection.id))
         self._by_connection.pop(connection.id, None)
+        if gone:
+            self._unregister(gone)
+
+    def registered(self, session: LocalSession) -> None:
+        """``session``'s viewer was registered in Redis (by ``Store.create_session``)."""
+        if self.viewer(session.id, session.connection) is session:
+            session.registered = True
+        else:  # its connection closed meanwhile
+            self._unregister([(session.id, session.connection.id)])
+
+    def _unregister(self, viewers: Sequence[tuple[SessionId, ConnectionId]]) -> None:
+        """Remove viewers from Redis, in a task (failing that, their leases expire)."""
+        self._spawn(self._leave(list(viewers)), "viewers-leave")
+
+    async def _leave(self, viewers: list[tuple[SessionId, ConnectionId]]) -> None:
+        with contextlib.suppress(BackendUnavailable, BackendCommandError):
+            await self.store.viewers.leave(self.instance_id, viewers)
+
+    async def leave_all(self) -> None:
+        """On shutdown: remove every viewer here from Redis at once, rather than letting
+        their leases run out (other instances keep publishing to a dead channel meanwhile)."""
+        registered = [session for session in self.viewers() if session.registered]
+        for session in registered:
+            session.registered = False  # their connections' closes need not remove them again
+        await self._leave([(s.id, s.connection.id) for s in registered])
 
     def push(self, session: LocalSession, seq: int, kind: bytes, frame: bytes) -> None:
         """Hand one frame (of type ``kind``) to the session's connection."""
@@ -122,15 +189,27 @@ class Delivery:
         if kind == _COMPLETE:
             if queued and state.started is not None:
                 metrics.SESSIONS_COMPLETED.inc()  # once, where it started (not on replays)
+            # Nothing follows the complete: the viewer's entry expires with the session.
             self.untrack(session)
 
     def deliver(self, session_id: SessionId, messages: Iterable[Message]) -> None:
-        """A live notification: send each message now, drop it, or replay a gap first."""
+        """A live notification: for each viewer here, send each message now, drop it, or
+        replay a gap first."""
+        viewers = self.sessions.get(session_id)
+        if not viewers:
+            return
+        batch = messages if isinstance(messages, (tuple, list)) else tuple(messages)
+        for session in list(viewers.values()):
+            self._deliver_to(viewers, session, batch)
+
+    def _deliver_to(
+        self, viewers: dict[ConnectionId, LocalSession], session: LocalSession, messages: Sequence[Message]
+    ) -> None:
+        state, connection_id = session.state, session.connection.id
         for message in messages:
-            session = self.sessions.get(session_id)
-            if session is None:
-                return
-            action = session.state.on_notification(message.seq)
+            if viewers.get(connection_id) is not session:
+                return  # the complete was handed over, or the connection closed
+            action = state.on_notification(message.seq)
             if action is Action.SEND:
                 self.push(session, message.seq, message.type, message.frame)
             elif action is Action.REPLAY:
@@ -138,7 +217,13 @@ class Delivery:
                 return  # the replay reads the rest of this batch from the log
 
     def attach(
-        self, session_id: SessionId, connection: Connection, last_seq: int, *, restart: bool = False
+        self,
+        session_id: SessionId,
+        connection: Connection,
+        last_seq: int,
+        *,
+        restart: bool = False,
+        registered: bool = False,
     ) -> None:
         """Deliver ``session_id`` to ``connection``: replay after ``last_seq``, then live.
 
@@ -148,13 +233,19 @@ class Delivery:
         ``last_seq`` once, in order). Once the complete was handed, the delivery is over
         and a new ``resume`` replays again. ``restart`` starts a new delivery from
         ``last_seq`` in any case (a retried ``agent_judgement``, answered by its session
-        from seq 1 again).
+        from seq 1 again). Other connections' deliveries of the session are not touched.
+        ``registered``: the connection was registered as a viewer in Redis for this.
         """
-        current = self.sessions.get(session_id)
-        if current is not None and current.connection is connection and not restart:
-            current.state.resumed(last_seq)
+        if not self._is_open(connection) or connection.closing:
+            if registered:  # it closed while being registered: nobody is left to deliver to
+                self._unregister([(session_id, connection.id)])
             return
-        self.replay(self.track(session_id, connection, last_seq))
+        current = self.viewer(session_id, connection)
+        if current is not None and not restart:
+            current.state.resumed(last_seq)
+            current.registered = current.registered or registered
+            return
+        self.replay(self.track(session_id, connection, last_seq, registered=registered))
 
     def replay(self, session: LocalSession) -> None:
         """Start reading the log from the session's cursor, unless a replay runs already."""
@@ -162,13 +253,18 @@ class Delivery:
             self._spawn(self._replay(session), f"replay-{session.id}")
 
     def replay_all(self) -> None:
-        """After a notification outage: every session re-reads what it may have missed."""
-        for session in list(self.sessions.values()):
+        """After a notification outage: every delivery re-reads what it may have missed."""
+        for session in self.viewers():
             self.replay(session)
 
     def _current(self, session: LocalSession) -> bool:
         """Whether ``session`` is still what this instance delivers to an open connection."""
-        return self.sessions.get(session.id) is session and not session.connection.closing
+        viewers = self.sessions.get(session.id)
+        return (
+            viewers is not None
+            and viewers.get(session.connection.id) is session
+            and not session.connection.closing
+        )
 
     async def _replay(self, session: LocalSession) -> None:
         connection, state = session.connection, session.state
@@ -193,7 +289,7 @@ class Delivery:
                     logger.error("replay of %s failed: %s", session.id, exc.__cause__)
                     exc.session_id = session.id
                     connection.push(frames.error_frame(exc), b"error")
-                    self.untrack(session)
+                    self.untrack(session, unregister=True)
                     return
                 size = 0
                 for seq, kind, frame in entries:

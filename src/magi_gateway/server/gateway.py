@@ -2,17 +2,19 @@
 
 It is driven by the WebSocket drivers (``connect``, ``receive``, ``disconnect``)
 and by Redis (the ``Listener`` on this instance's channel). It holds no state another
-instance cannot rebuild from Redis: a session's log, pending agents, owner and
+instance cannot rebuild from Redis: a session's log, pending agents, viewers and
 deadline live there; this object keeps only the delivery state of the sessions its
 connections watch. The parts, one module each::
 
     Listener      notifications in (server.listener)  ──> Delivery (server.delivery)
     SessionOps    judgement / resume / cancel (server.sessions)
     sweep         the shared deadline set (server.sweeper)
+    renewal       the leases of this instance's viewers (server.viewers)
     AdminExecutor signed admin commands (server.admin)
 
 Shutdown, top to bottom (``stop``): stop accepting connections, close every client
-with 1012, stop the background tasks (listener, sweep, replays), close Redis.
+with 1012, remove this instance's viewers from Redis, stop the background tasks
+(listener, sweep, lease renewal, replays), close Redis.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from magi_gateway.server.listener import Listener
 from magi_gateway.server.outbox import Connection
 from magi_gateway.server.sessions import SessionOps
 from magi_gateway.server.sweeper import sweep_deadlines
+from magi_gateway.server.viewers import renew_viewers
 from magi_gateway.settings import Settings
 
 __all__ = ["Gateway"]
@@ -61,6 +64,8 @@ _STOP_TIMEOUT_S = 5.0
 #: How long a ``/metrics`` scrape waits for Redis before showing the last known values.
 _METRICS_TIMEOUT_S = 1.0
 _STARTUP_SUBSCRIBE_S = 5.0
+#: How long a stopping instance tries to remove its viewers from Redis (else their leases end).
+_LEAVE_TIMEOUT_S = 1.0
 
 
 class Gateway:
@@ -85,7 +90,13 @@ class Gateway:
             max_input_bytes=settings.max_input_bytes,
         )
         self.accepting = False
-        self.delivery = Delivery(self.store, self._spawn, self._backoff)
+        self.delivery = Delivery(
+            self.store,
+            self._spawn,
+            self._backoff,
+            self.instance_id,
+            lambda connection: self._connections.get(connection.id) is connection,
+        )
         self.sessions = SessionOps(settings, self.store, self.delivery, self.instance_id)
         self.admin = AdminExecutor(
             CommandChecker(settings.admin_secret, self.keys.admin_channel),
@@ -117,6 +128,7 @@ class Gateway:
         self._spawn(
             sweep_deadlines(self.store, self.settings.judgement_timeout_s, self._backoff), "magi-deadlines"
         )
+        self._spawn(renew_viewers(self.delivery, self.settings.viewer_lease_s, self._backoff), "magi-viewers")
         try:
             await asyncio.wait_for(self.listener.subscribed.wait(), timeout=_STARTUP_SUBSCRIBE_S)
         except TimeoutError:
@@ -143,6 +155,8 @@ class Gateway:
         self.accepting = False
         for connection in list(self._connections.values()):
             connection.request_close(CLOSE_SERVICE_RESTART, "Service restart")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.delivery.leave_all(), _LEAVE_TIMEOUT_S)
         await cancel_and_wait(self._tasks, _STOP_TIMEOUT_S)
         await self.listener.redis.aclose()
         await self.redis.aclose()

@@ -59,7 +59,9 @@ TIME_TO_FINAL = Histogram(
     "From agent_judgement to each agent_judgement_final (sessions started here)",
     buckets=_LATENCY_BUCKETS,
 )
-RESUMES = Counter("magi_resumes", "Resume requests, by outcome (ok, not_found, error)", ["outcome"])
+RESUMES = Counter(
+    "magi_resumes", "Resume requests, by outcome (ok, not_found, too_many_viewers, error)", ["outcome"]
+)
 AUTH_FAILURES = Counter("magi_auth_failures", "Rejected WebSocket authentications, by reason", ["reason"])
 EDGE_REFUSALS = Counter(
     "magi_edge_refusals",

@@ -2,9 +2,10 @@
 
 The state machine of each delivery is the core's (``core.delivery``), the order of a
 judgement's steps too (``core.session.plan_judgement``); this module runs those
-steps against Redis. A session's truth is in Redis: its log, pending agents, owner
-and deadline; attaching a session here only routes its notifications to this
-instance and starts a replay from the client's cursor.
+steps against Redis. A session's truth is in Redis: its log, pending agents, viewers
+and deadline; attaching a connection to a session registers it as one more viewer (so
+the session's notifications reach this instance too) and starts a replay from the
+client's cursor. Other viewers, here or elsewhere, go on as they were.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from magi_gateway.core.errors import (
     RateLimited,
     SessionNotFound,
     TooManySessions,
+    TooManyViewers,
 )
 from magi_gateway.core.ids import AppId, InstanceId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
@@ -51,6 +53,8 @@ class SessionOps:
         self.store = store
         self.delivery = delivery
         self.instance_id = instance_id
+        #: How long a viewer's registration lasts unless renewed (``server.viewers``).
+        self.lease_ms = int(settings.viewer_lease_s * 1000)
 
     async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
         """Start a session: log it, queue the served agents, answer the others at once."""
@@ -89,11 +93,14 @@ class SessionOps:
                 deadline_ms,
                 request.request_id,
                 intake=intake,
+                viewer=connection.id,
+                viewer_lease_ms=self.lease_ms,
             )
         except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
             self.delivery.untrack(session)
             await self._release(appid, request.request_id, session_id)
             raise
+        self.delivery.registered(session)
         metrics.SESSIONS_STARTED.inc()
         try:
             await self.store.intake.enqueue(intake)
@@ -137,14 +144,29 @@ class SessionOps:
         restart: bool = False,
     ) -> None:
         """Deliver a session to ``connection``: replay after ``last_seq``, then live
-        (``restart``: even if this connection receives it already, see ``Delivery.attach``)."""
+        (``restart``: even if this connection receives it already, see ``Delivery.attach``).
+
+        A connection not yet following a running session is registered as its viewer
+        first (``TooManyViewers`` over ``max_viewers_per_session``), so no message logged
+        after the replay's read goes unnotified. A completed session is only replayed:
+        nothing more is published, so its readers are not counted.
+        """
         info = await self.session_info(connection, session_id, wait=wait_for_creation)
-        if info.owner != self.instance_id and not info.completed:
-            await self.store.set_owner(session_id, self.instance_id)
+        current = self.delivery.viewer(session_id, connection)
+        registered = False
+        if not info.completed and (current is None or not current.registered):
+            await self.store.viewers.join(
+                session_id,
+                self.instance_id,
+                connection.id,
+                max_viewers=self.settings.max_viewers_per_session,
+                lease_ms=self.lease_ms,
+            )
+            registered = True
         # The replay runs as a task, paced by the connection's buffer, and hands over to
         # live delivery once it has caught up with the log; a session this connection
         # receives already is not delivered twice.
-        self.delivery.attach(session_id, connection, last_seq, restart=restart)
+        self.delivery.attach(session_id, connection, last_seq, restart=restart, registered=registered)
 
     async def resume(self, connection: Connection, message: protocol.Resume) -> None:
         """``resume``: attach, counting the outcome."""
@@ -152,6 +174,9 @@ class SessionOps:
             await self.attach(connection, message.session_id, message.last_seq)
         except SessionNotFound:
             metrics.RESUMES.labels("not_found").inc()
+            raise
+        except TooManyViewers:
+            metrics.RESUMES.labels("too_many_viewers").inc()
             raise
         except BaseException:
             metrics.RESUMES.labels("error").inc()

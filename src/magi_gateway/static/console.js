@@ -7,6 +7,9 @@
 // with capped exponential backoff and a fresh token, and sends `resume` with the last
 // seq it applied: the gateway replays what was missed. Messages are applied strictly in
 // seq order, each once; what was applied is visible in #session[data-seqs].
+// The page's address names the session on screen (#session=ID): opened in another tab
+// (or browser) it follows the same session as one more viewer (`resume` from seq 0),
+// and shows the same panels; any viewer may cancel it.
 //
 // Everything from the network is shown with textContent, never parsed as HTML.
 
@@ -272,6 +275,7 @@ let agents = []; // [{agent_id, workers}] from get_agents
 const unselected = new Set(); // agents the user unticked (new agents start ticked)
 let session = null; // the judgement on screen
 let retryTimer = null; // a pending pickUpSession after a retryable error
+let followId = sessionInAddress(); // a session to follow once connected (from #session=ID)
 
 const link = new Link({ onOpen: linkUp, onMessage: handleMessage, onState: showState });
 
@@ -308,7 +312,41 @@ function showState(state, { attempt, connectionId }) {
 function linkUp() {
   ui.refreshAgents.disabled = false;
   link.send({ type: "get_agents" });
+  if (followId && followId !== session?.id) followSession(followId);
+  followId = null;
   pickUpSession();
+}
+
+/** The session id in the page's address (`#session=ID`), or null. */
+function sessionInAddress() {
+  const id = new URLSearchParams(location.hash.slice(1)).get("session");
+  return id ? id : null;
+}
+
+/** Put the session on screen into the page's address, so another tab can follow it. */
+function showSessionInAddress(id) {
+  history.replaceState(null, "", `#session=${encodeURIComponent(id)}`);
+}
+
+/** Show a session this page did not start: its panels come with its accepted message. */
+function followSession(id) {
+  session = {
+    request: null,
+    id,
+    lastSeq: 0,
+    seqs: [],
+    duplicates: 0,
+    gapAt: -1,
+    complete: false,
+    lost: false,
+    panels: new Map(),
+  };
+  Object.assign(ui.session.dataset, { sessionId: id, seqs: "", lastSeq: 0, duplicates: 0, complete: "false" });
+  ui.sessionId.textContent = id;
+  renderPanels([]);
+  showVerdict("pending", "Following", "a session started elsewhere");
+  updateButtons();
+  renderSessionInfo();
 }
 
 /** Resume the judgement on screen, or send it again if it was never accepted. */
@@ -360,6 +398,9 @@ function handleError({ error, code, session_id: sessionId }) {
   if (running && sessionId === session.id && code === "session_not_found") {
     session.lost = true;
     showVerdict("lost", "Session lost", "it expired or belongs to another appid");
+  } else if (running && sessionId === session.id && code === "too_many_viewers") {
+    session.lost = true;
+    showVerdict("lost", "Not following", "the session has as many viewers as allowed; reload later");
   } else if (running && !session.id && sessionId === undefined) {
     // The judgement itself was refused (invalid input, too many agents...).
     session.lost = true;
@@ -374,11 +415,12 @@ function handleError({ error, code, session_id: sessionId }) {
 function handleSessionMessage(message) {
   if (!session) return;
   if (message.session_id !== session.id) {
-    const ours = message.type === "agent_judgement_accepted" && message.request_id === session.request.request_id;
+    const ours = message.type === "agent_judgement_accepted" && message.request_id === session.request?.request_id;
     if (!ours || session.id) return; // a session no longer on screen
     session.id = message.session_id;
     ui.session.dataset.sessionId = session.id;
     ui.sessionId.textContent = session.id;
+    showSessionInAddress(session.id);
   }
   if (message.seq <= session.lastSeq) {
     session.duplicates += 1; // already applied (a replay overlapping what we had)
@@ -406,6 +448,12 @@ function applySessionMessage(message) {
   const panel = session.panels.get(message.agent_id);
   switch (message.type) {
     case "agent_judgement_accepted":
+      if (session.panels.size === 0 && Array.isArray(message.agent_ids)) {
+        // A followed session: its agents are known from here on.
+        const agentIds = message.agent_ids.map(String);
+        renderPanels(agentIds);
+        showVerdict("pending", "Deliberating", `${agentIds.length} agent${agentIds.length === 1 ? "" : "s"}`);
+      }
       for (const p of session.panels.values()) if (p.node.dataset.state === "standby") p.setState("queued", "Queued");
       updateButtons();
       break;
@@ -610,6 +658,17 @@ ui.question.addEventListener("keydown", (event) => {
 });
 ui.cancel.addEventListener("click", cancelJudgement);
 window.addEventListener("online", () => link.hurry());
+window.addEventListener("hashchange", () => {
+  // Another session's address pasted into this tab: follow that one.
+  const id = sessionInAddress();
+  if (!id || id === session?.id) return;
+  if (link.connected) {
+    followSession(id);
+    pickUpSession();
+  } else {
+    followId = id;
+  }
+});
 
 restore();
 showTokenMode();

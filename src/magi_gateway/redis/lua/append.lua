@@ -1,16 +1,21 @@
 -- Append one message to a session's log, atomically: the one write path of every
 -- session message (accepted, stream, final, complete).
 --
--- KEYS: log seq meta pending results
--- ARGV: mode type head tail agent_id result_json channel_prefix notify_prefix [n meta... agents...]
+-- KEYS: log seq meta pending results viewers
+-- ARGV: mode type head tail agent_id result_json channel_prefix notify_prefix
+--       [viewer lease_ms n meta... agents...]
 --   mode           'create' | 'stream' | 'final' | 'complete'
 --                  ('create' writes the session, meta and pending, with its first message
 --                  in one step: no session exists without its agent_judgement_accepted;
---                  ARGV[9] = n, then n meta fields and values, then the agents)
+--                  ARGV[9] = the opening connection's viewer entry "INSTANCE CONNECTION"
+--                  (redis/viewers.lua; '' for none), ARGV[10] = its lease (ms), ARGV[11] = n, then n meta fields and values,
+--                  then the agents)
 --   type           the message type, stored beside the frame and sent in the notification
 --   head           the frame up to its seq, built by core/frames.py
 --   tail           the frame after its seq (with the leading comma's object fields)
 --   notify_prefix  "SESSION_ID\n", the notification's first line (core/notification.py)
+-- The message is published once to each instance named in the viewers set (redis/viewers.py);
+-- with none there, to the owner (the opening instance), as gateways before viewers expect.
 -- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
 -- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending,
 -- -6 exists already (create).
@@ -18,9 +23,13 @@ local meta = KEYS[3]
 local mode = ARGV[1]
 if mode == 'create' then
   if redis.call('EXISTS', meta) == 1 then return {-6} end
-  local n = tonumber(ARGV[9])
-  redis.call('HSET', meta, unpack(ARGV, 10, 9 + n))
-  redis.call('SADD', KEYS[4], unpack(ARGV, 10 + n, #ARGV))
+  local n = tonumber(ARGV[11])
+  redis.call('HSET', meta, unpack(ARGV, 12, 11 + n))
+  redis.call('SADD', KEYS[4], unpack(ARGV, 12 + n, #ARGV))
+  if ARGV[9] ~= '' then
+    local now = redis.call('TIME')
+    redis.call('ZADD', KEYS[6], now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[10]), ARGV[9])
+  end
 elseif redis.call('EXISTS', meta) == 0 then return {-1}
 elseif redis.call('HEXISTS', meta, 'completed') == 1 then return {-2}
 elseif mode == 'stream' then
@@ -39,9 +48,15 @@ local frame = ARGV[3] .. seq .. ',' .. ARGV[4]
 redis.call('XADD', KEYS[1], '0-' .. seq, 't', ARGV[2], 'f', frame)
 local ttl = redis.call('HGET', meta, mode == 'complete' and 'retention_ms' or 'ttl_ms')
 for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
-local owner = redis.call('HGET', meta, 'owner')
-if owner and owner ~= '' then
-  redis.call('PUBLISH', ARGV[7] .. owner, ARGV[8] .. seq .. '\n' .. ARGV[2] .. '\n' .. frame)
+local viewers = redis.call('ZRANGE', KEYS[6], 0, -1)
+if #viewers == 0 then viewers = {redis.call('HGET', meta, 'owner') or ''} end
+local notified = {['']=true}
+for _, viewer in ipairs(viewers) do
+  local instance = string.match(viewer, '^%S+') or ''
+  if not notified[instance] then
+    notified[instance] = true
+    redis.call('PUBLISH', ARGV[7] .. instance, ARGV[8] .. seq .. '\n' .. ARGV[2] .. '\n' .. frame)
+  end
 end
 if mode == 'final' and redis.call('SCARD', KEYS[4]) == 0 then
   return {seq, 0, redis.call('HGET', meta, 'agents'), redis.call('HGETALL', KEYS[5])}

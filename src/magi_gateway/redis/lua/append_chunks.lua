@@ -1,12 +1,14 @@
 -- Append runs of thinking chunks to one session's log, atomically, in order: one script
 -- call, one notification and one round of expiry refreshes for the whole batch.
 --
--- KEYS: log seq meta pending results
+-- KEYS: log seq meta pending results viewers
 -- ARGV: head channel_prefix notify_prefix agent_1 tails_1 agent_2 tails_2 ...
 --   head           '{"type":"agent_judgement_stream","session_id":"…","seq":' (core/frames.py)
 --   notify_prefix  "SESSION_ID\n" (core/notification.py)
 --   tails_i        one run of agent_i's chunk tails (core/frames.py), joined by "\n" (compact
 --                  JSON has no raw newline), so the caller sends two arguments per run
+-- The batch is published once to each instance named in the viewers set (redis/viewers.py);
+-- with none there, to the owner (the opening instance), as gateways before viewers expect.
 -- Returns one code per chunk, runs in order: its seq, or < 0: -1 gone, -2 completed,
 -- -3 agent not pending (it has its final), -4 log full.
 local meta = KEYS[3]
@@ -52,9 +54,16 @@ if #notes > 0 then
   redis.call('SET', KEYS[2], seq)
   local ttl = redis.call('HGET', meta, 'ttl_ms')
   for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
-  local owner = redis.call('HGET', meta, 'owner')
-  if owner and owner ~= '' then
-    redis.call('PUBLISH', ARGV[2] .. owner, ARGV[3] .. table.concat(notes, '\n'))
+  local viewers = redis.call('ZRANGE', KEYS[6], 0, -1)
+  if #viewers == 0 then viewers = {redis.call('HGET', meta, 'owner') or ''} end
+  local note, notified = nil, {['']=true}
+  for _, viewer in ipairs(viewers) do
+    local instance = string.match(viewer, '^%S+') or ''
+    if not notified[instance] then
+      notified[instance] = true
+      note = note or ARGV[3] .. table.concat(notes, '\n')
+      redis.call('PUBLISH', ARGV[2] .. instance, note)
+    end
   end
 end
 return out
