@@ -121,6 +121,10 @@ class EventStream(Response):
                 logger.info("event stream of %s: client stopped reading; dropped", self.session_id)
                 if control is not None:
                     control.abort()
+                    # Once the server has seen the connection go, an unfinished response is
+                    # expected (not an error to log).
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_left(receive), 1.0)
                 return  # without a control, the server closes the unfinished response
             if end is not _End.LEFT:
                 with contextlib.suppress(TimeoutError):
