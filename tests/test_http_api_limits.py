@@ -12,15 +12,19 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+import uvicorn
 import websockets
 
 from magi_gateway import Context, Judgement, agent
 from magi_gateway.agents import demo_agents
+from magi_gateway.cli._serving import uvicorn_config
+from magi_gateway.core.jwt_auth import mint
+from magi_gateway.server.app import create_app
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
 from ._sse import Event, auth, collect, events
-from ._support import APPID, GatewayHandle, assert_clean_error, make_token, recv
+from ._support import APPID, SECRET, GatewayHandle, assert_clean_error, make_token, recv
 from .test_http_api import DEMO, SSE, assert_events_are_the_log, body, gated_agent, read_until, stored_log
 
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
@@ -310,3 +314,59 @@ async def test_a_reader_that_stops_is_dropped_and_resumes_with_nothing_lost(
         ) as r:
             rest = await collect(r)
     assert_events_are_the_log(got + rest, await stored_log(settings, session_id))
+
+
+async def test_a_stream_ends_when_its_jwt_expires(gateway: GatewayHandle, start_worker: StartWorker) -> None:
+    gate = asyncio.Event()
+    await start_worker([gated_agent("gated", gate)])
+    expires = int(time.time()) + 2
+    token = mint(APPID, SECRET, now=expires - 60, ttl_s=60)
+    async with (
+        httpx.AsyncClient(base_url=gateway.http, timeout=20) as client,
+        client.stream(
+            "POST",
+            "/v1/judgements",
+            json=body(["gated"]),
+            headers={**SSE, "Authorization": f"Bearer {token}"},
+        ) as response,
+    ):
+        got = await collect(response)
+    gate.set()
+    assert time.time() >= expires
+    assert got[0].event == "agent_judgement_accepted"
+    assert got[-1].event == "error"
+    assert_clean_error(got[-1].message, "token_expired")
+    assert got[-1].message["session_id"] == got[0].message["session_id"]
+
+
+async def test_streams_end_when_the_server_shuts_down(settings: Settings, start_worker: StartWorker) -> None:
+    gate = asyncio.Event()
+    await start_worker([gated_agent("gated", gate)])
+    app = create_app(settings)  # keepalives every 15 s: the end must not wait for one
+    server = uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", 0, "warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        async with (
+            httpx.AsyncClient(timeout=20) as client,
+            client.stream(
+                "POST",
+                f"http://127.0.0.1:{port}/v1/judgements",
+                json=body(["gated"]),
+                headers={**SSE, **auth()},
+            ) as response,
+        ):
+            stream = events(response)
+            head = await read_until(stream, lambda e: b"before 2" in e.data)
+            started = time.monotonic()
+            server.should_exit = True
+            assert await read_until(stream, lambda e: False) == []  # ended cleanly, nothing more
+        await asyncio.wait_for(serving, 5)
+        assert time.monotonic() - started < 5
+    finally:
+        server.should_exit = True
+        gate.set()
+        await asyncio.gather(serving, return_exceptions=True)
+    assert head[0].event == "agent_judgement_accepted"
