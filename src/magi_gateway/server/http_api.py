@@ -84,6 +84,8 @@ class HttpApi:
             connect(settings, client_name="magi-gateway-sse", max_connections=settings.sse_max_streams),
             gateway.keys,
         )
+        #: Snapshots on the shared pool: a stream's blocked read must not hold one up.
+        self.reader = SessionFollower(gateway.redis, gateway.keys)
         self.slots = StreamSlots(settings.sse_max_streams)
         self._buckets: OrderedDict[tuple[str, str], TokenBucket] = OrderedDict()
 
@@ -248,7 +250,7 @@ class HttpApi:
         if isinstance(admitted, Response):
             return admitted
         session_id = _session_id(request)
-        snapshot = await self.follower.snapshot(session_id)
+        snapshot = await self.reader.snapshot(session_id)
         if snapshot is None or snapshot.appid != admitted.appid:
             raise SessionNotFound("Session not found or expired", session_id=session_id)
         body = {

@@ -74,7 +74,7 @@ class StreamSlots:
 
 
 class _End(enum.Enum):
-    COMPLETE = "complete"
+    DONE = "said all it will"
     SLOW = "slow reader"
     LEFT = "client left"
     CLOSING = "server closing"
@@ -189,7 +189,7 @@ class EventStream(Response):
                     await self._write(b"".join(sse.event(seq, kind, frame) for seq, kind, frame in entries))
                     self.cursor = entries[-1][0]
                     if entries[-1][1] == _COMPLETE:
-                        return _End.COMPLETE
+                        return _End.DONE
                     block = len(entries) < _PAGE
                     continue
                 if completed is None:
@@ -198,7 +198,7 @@ class EventStream(Response):
                     # Its end is in the log: read once more (it may have come after the read
                     # above); nothing then means the cursor is at or past the end.
                     if saw_completed:
-                        return _End.COMPLETE
+                        return _End.DONE
                     saw_completed, block = True, False
                     continue
                 block = True
@@ -222,7 +222,7 @@ class EventStream(Response):
         if exc.session_id is None:
             exc.session_id = self.session_id
         await self._write(b"event: error\ndata: %s\n\n" % frames.error_frame(exc))
-        return _End.COMPLETE
+        return _End.DONE
 
 
 async def _left(receive: Receive) -> None:
