@@ -9,11 +9,12 @@ never holds a newline and fits one ``data:`` line). An idle stream carries comme
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from magi_gateway.core.errors import ProtocolError
 from magi_gateway.core.protocol import MAX_SEQ
 
-__all__ = ["KEEPALIVE", "Credentials", "credentials", "cursor", "event"]
+__all__ = ["KEEPALIVE", "Credentials", "EventReader", "ReadEvent", "credentials", "cursor", "event"]
 
 #: A comment line: keeps proxies and clients from timing out an idle stream.
 KEEPALIVE = b": keepalive\n\n"
@@ -49,3 +50,44 @@ def cursor(last_event_id: str | None, last_seq: str | None) -> int:
     if not value.isascii() or not value.isdigit() or len(value) > 16 or int(value) > MAX_SEQ:
         raise ProtocolError(f"{name} must be an integer from 0 to {MAX_SEQ}", code="invalid_field")
     return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadEvent:
+    """An event as a client reads it (``data`` lines joined by newlines)."""
+
+    id: str | None
+    event: str
+    data: str
+
+
+class EventReader:
+    """A client's SSE parser: feed it lines (without their line ending), get events."""
+
+    __slots__ = ("_data", "_event", "_id")
+
+    def __init__(self) -> None:
+        self._id: str | None = None
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> ReadEvent | None:
+        """The event a blank line ends, else None (comments and fields are kept or skipped)."""
+        if not line:
+            if not self._data:
+                self._event = ""
+                return None
+            done = ReadEvent(self._id, self._event or "message", "\n".join(self._data))
+            self._id, self._event, self._data = None, "", []
+            return done
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id":
+            self._id = value
+        return None
