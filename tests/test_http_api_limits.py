@@ -167,7 +167,9 @@ async def test_streams_are_bounded_per_instance(
         ]
         path = f"/v1/sessions/{session_id}/events"
         async with client.stream("GET", path, headers=auth()) as first:
-            await read_until(events(first), lambda e: e.id == 1)
+            # Kept referenced: a collected generator would close the response, and the stream.
+            held = events(first)
+            await read_until(held, lambda e: e.id == 1)
             second = await client.get(path, headers=auth())
             also = await client.post("/v1/judgements", json=body(["gated"]), headers={**SSE, **auth()})
         assert second.status_code == also.status_code == 503
@@ -257,6 +259,12 @@ async def bulky(user_input: str, ctx: Context) -> Judgement:
     return Judgement("done", decision="approve")
 
 
+def metric(response: httpx.Response, name: str) -> float:
+    """A sample's value in a ``/metrics`` answer."""
+    (line,) = [line for line in response.text.splitlines() if line.startswith(f"{name} ")]
+    return float(line.split()[1])
+
+
 def chunked_events(raw: bytes) -> list[Event]:
     """The events of the complete chunks of a chunked HTTP body (a cut-off chunk is dropped)."""
     got: list[Event] = []
@@ -298,6 +306,7 @@ async def test_a_reader_that_stops_is_dropped_and_resumes_with_nothing_lost(
         head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200")
         await wait_for(lambda: http_api(gateway).slots.open == 0, timeout=20)  # dropped
+        assert metric(await client.get("/metrics"), "magi_sse_streams_dropped_total") >= 1
         raw = b""
         try:
             while chunk := await reader.read(1 << 16):

@@ -33,6 +33,7 @@ from magi_gateway.core import frames, sse
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError, SessionNotFound
 from magi_gateway.core.ids import SessionId
 from magi_gateway.redis.follow import SessionFollower
+from magi_gateway.server import metrics
 from magi_gateway.server.http_protocol import STREAM_CONTROL, StreamControl
 
 __all__ = ["HEADERS", "EventStream", "StreamSlots"]
@@ -66,11 +67,13 @@ class StreamSlots:
         if self.open >= self.limit:
             return False
         self.open += 1
+        metrics.SSE_STREAMS.inc()
         return True
 
     def give_back(self) -> None:
         """A stream ended."""
         self.open -= 1
+        metrics.SSE_STREAMS.dec()
 
 
 class _End(enum.Enum):
@@ -119,6 +122,7 @@ class EventStream(Response):
             end = await self._run(receive, control)
             if end is _End.SLOW:
                 logger.info("event stream of %s: client stopped reading; dropped", self.session_id)
+                metrics.SSE_STREAMS_DROPPED.inc()
                 if control is not None:
                     control.abort()
                     # Once the server has seen the connection go, an unfinished response is
