@@ -171,6 +171,9 @@ async def test_a_stream_of_a_completed_session_replays_it_and_ends(
         async with client.stream("GET", f"/v1/sessions/{session_id}/events", headers=headers) as response:
             assert response.status_code == 200
             assert await collect(response) == []
+        head = await client.head(f"/v1/sessions/{session_id}/events", headers=auth())
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
         snapshot = (await client.get(f"/v1/sessions/{session_id}", headers=auth())).json()
     assert snapshot["completed"] is True
     assert snapshot["verdict"] == "approve"

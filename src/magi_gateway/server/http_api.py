@@ -39,7 +39,7 @@ from magi_gateway.redis.follow import SessionFollower
 from magi_gateway.server import metrics
 from magi_gateway.server.gateway import Gateway
 from magi_gateway.server.openapi import OPENAPI
-from magi_gateway.server.sse import EventStream, StreamSlots
+from magi_gateway.server.sse import HEADERS, EventStream, StreamSlots
 
 __all__ = ["HttpApi"]
 
@@ -239,6 +239,8 @@ class HttpApi:
         session_id = _session_id(request)
         after_seq = sse.cursor(request.headers.get("last-event-id"), request.query_params.get("last_seq"))
         await self.gateway.sessions.find_session(admitted.appid, session_id, wait=False)
+        if request.method == "HEAD":  # the headers a stream would have; no stream
+            return Response(headers={k.decode(): v.decode() for k, v in HEADERS})
         close = self._open_stream(admitted)
         if isinstance(close, Response):
             return close
