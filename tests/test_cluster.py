@@ -41,6 +41,10 @@ from .test_delivery import (  # noqa: F401 - collected here again, on the cluste
     test_timeout_is_enforced_after_the_starting_gateway_died,
 )
 from .test_e2e import test_two_gateway_processes_and_an_agent_process  # noqa: F401
+from .test_http_api import (  # noqa: F401 - the /v1 event streams (XREAD per session) on the cluster
+    test_post_judgement_streams_the_session_as_sse,
+    test_resume_by_last_event_id_on_another_instance_gets_exactly_the_rest,
+)
 from .test_viewers import (  # noqa: F401 - collected here again, on the cluster
     test_one_viewer_disconnecting_does_not_disturb_the_others,
     test_over_the_viewer_limit_resume_is_refused_and_the_connection_stays,

@@ -534,12 +534,29 @@ def test_nginx_proxies_websockets(compose: dict[str, Any], routes: set[str]) -> 
     assert _effective(levels, "proxy_buffering")[0].args == ["off"]
 
 
+def test_nginx_serves_the_http_api_streams_unbuffered(routes: set[str]) -> None:
+    config = _nginx()
+    assert {"/v1/judgements", "/v1/sessions/{session_id}/events"} <= routes
+    levels = _location_levels(config, "/v1/")
+    upstream = _one(_http(config), "upstream").args[0]
+    assert _effective(levels, "proxy_pass")[0].args == [f"http://{upstream}"]
+    assert _effective(levels, "proxy_http_version")[0].args == ["1.1"]
+    assert _effective(levels, "proxy_buffering")[0].args == ["off"]
+    assert _effective(levels, "gzip")[0].args == ["off"]
+    # An idle stream gets a keepalive every SSE_KEEPALIVE_S: nginx must wait far longer.
+    keepalive = Settings.model_fields["sse_keepalive_s"].default
+    for timeout in ("proxy_read_timeout", "proxy_send_timeout"):
+        assert _seconds(_effective(levels, timeout)[0].args[0]) >= 10 * keepalive, timeout
+
+
 def test_nginx_locations_are_real_routes(routes: set[str]) -> None:
     config = _nginx()
     for args, block in _locations(config):
         path = args[-1]
         if _children(block, "proxy_pass"):
-            assert path in routes or path == "/", path
+            # An exact route, or a prefix location (``/v1/``) that real routes are under.
+            under = path.endswith("/") and any(route.startswith(path) for route in routes)
+            assert path in routes or path == "/" or under, path
     assert _location_levels(config, "/healthz")
     assert _location_levels(config, "/readyz")
     # /metrics stays inside: the location exists and does not proxy.
@@ -874,8 +891,13 @@ def test_k8s_ingress_routes_websockets_to_the_gateway(
             assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
             paths[path["path"]] = (path["pathType"], backend["name"])
             prefix = path["path"] + ("/" if path["pathType"] == "Prefix" else "")
-            assert prefix in routes, path["path"]
+            under = path["pathType"] == "Prefix" and any(route.startswith(prefix) for route in routes)
+            assert prefix in routes or under, path["path"]
     assert paths["/ws"] == ("Exact", gateway_service)
+    # The HTTP API, its event streams unbuffered.
+    assert paths["/v1"] == ("Prefix", gateway_service)
+    assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert annotations["nginx.org/proxy-buffering"] == "False"
     assert "/metrics" not in paths
     workload, _ = _gateway(objects)
     assert _selected(objects, _named(objects, "Service", gateway_service)["spec"]["selector"]) == [workload]

@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     #: Bytes queued for one slow client before it is closed with 1013 (one larger frame
     #: still fits into an empty buffer); replays wait for room instead.
     max_outbound_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    #: ``/v1`` event streams (SSE) open at once on one gateway instance (over it: 503); each
+    #: follows its session on a connection of its own from a pool of this size.
+    sse_max_streams: int = Field(1000, ge=1)
+    #: An idle event stream gets a ``: keepalive`` comment this often.
+    sse_keepalive_s: float = Field(15.0, gt=0)
+    #: An event stream whose client has not read for this long is ended (it can resume).
+    sse_write_timeout_s: float = Field(30.0, gt=0)
     #: Requests kept per agent stream (approximate trim, a backstop, not a queue policy).
     request_stream_maxlen: int = Field(100_000, ge=100)
 

@@ -23,6 +23,7 @@ from magi_gateway.client import MagiClient
 from magi_gateway.core.auth import compute_token, minute_of
 from magi_gateway.core.jwt_auth import mint
 from magi_gateway.embedded import RedisServer, free_port
+from magi_gateway.http_client import MagiHttpClient, http_base_url
 from magi_gateway.logs import configure_logging
 from magi_gateway.settings import Settings, comma_list
 from magi_gateway.worker.legacy import LegacyBridge
@@ -228,7 +229,7 @@ def token(
     typer.echo(compute_token(appid, chosen, minute_of(time.time())))
 
 
-async def _ask(client: MagiClient, text: str, agent_ids: list[str]) -> str:
+async def _ask(client: MagiClient | MagiHttpClient, text: str, agent_ids: list[str]) -> str:
     async with client:
         complete = await render_judgement(console, agent_ids, client.judge(text, agent_ids))
     return str(complete["data"]["verdict"]) if complete else "none"
@@ -245,17 +246,25 @@ def ask(
     agents: Annotated[str, typer.Option(help="Comma-separated agent ids")] = ",".join(DEMO_AGENT_NAMES),
     data_dir: Annotated[Path, typer.Option(help="Where `up` keeps its secret")] = DEFAULT_DATA_DIR,
     token: Annotated[str | None, typer.Option(help="A JWT to connect with, instead of a secret")] = None,
+    http: Annotated[
+        bool, typer.Option("--http", help="Use the HTTP API (Server-Sent Events) instead of the WebSocket")
+    ] = False,
 ) -> None:
     """Stream a judgement in the terminal."""
     settings = Settings()
-    target = url or f"ws://127.0.0.1:{settings.port}/ws"
     agent_ids = comma_list(agents)
     if token is not None:
-        client = MagiClient(target, appid=appid or "", token=token)
+        secret = None  # the JWT is the credential (its sub the appid, unless one is given)
     else:
         appid = appid or "magi-cli"
-        chosen = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
-        client = MagiClient(target, appid=appid, secret=chosen)
+        secret = secret or settings.app_secrets.get(appid) or _secret(settings, data_dir, create=False)
+    client: MagiClient | MagiHttpClient
+    if http:
+        base = http_base_url(url) if url else f"http://127.0.0.1:{settings.port}"
+        client = MagiHttpClient(base, appid=appid or "", secret=secret, token=token)
+    else:
+        target = url or f"ws://127.0.0.1:{settings.port}/ws"
+        client = MagiClient(target, appid=appid or "", secret=secret, token=token)
     asyncio.run(_ask(client, text, agent_ids))
 
 

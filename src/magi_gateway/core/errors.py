@@ -39,6 +39,7 @@ __all__ = [
     "TooManyAgents",
     "TooManySessions",
     "TooManyViewers",
+    "http_status",
 ]
 
 #: WebSocket close code sent after an authentication failure.
@@ -134,3 +135,26 @@ class AgentError(GatewayError):
     """Raised by an agent to fail a judgement with a message the client may read."""
 
     code = "agent_error"
+
+
+#: HTTP statuses of the ``/v1`` API by error code; any other code is a 400.
+_HTTP_STATUS = {
+    "auth_failed": 401,
+    "auth_throttled": 429,
+    "session_not_found": 404,
+    "session_completed": 409,
+    "frame_too_large": 413,
+    "rate_limited": 429,
+    "too_many_sessions": 429,
+    "too_many_connections": 429,
+    "too_many_streams": 503,
+    "too_many_viewers": 429,
+    "service_restart": 503,
+    "backend_unavailable": 503,
+    "internal_error": 500,
+}
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of an error with ``code`` (the ``/v1`` API's answer to it)."""
+    return _HTTP_STATUS.get(code, 400)

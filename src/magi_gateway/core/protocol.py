@@ -29,6 +29,7 @@ __all__ = [
     "Resume",
     "extra_fields",
     "parse_client_frame",
+    "parse_judgement_body",
     "request_id_of",
 ]
 
@@ -212,6 +213,27 @@ def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
     except ProtocolError as exc:
         exc.request_id = request_id  # so the client knows which of its messages failed
         raise
+
+
+def parse_judgement_body(body: bytes, limits: Limits) -> JudgementRequest:
+    """Parse the body of ``POST /v1/judgements``: an ``agent_judgement`` frame without its
+    ``type``, checked exactly as the WebSocket's (same limits, same error codes)."""
+    if len(body) > limits.max_frame_bytes:
+        raise FrameTooLarge(f"Body exceeds {limits.max_frame_bytes} bytes")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ProtocolError("Invalid JSON", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("The body must be a JSON object", code="invalid_message")
+    request_id = _echoed_request_id(obj)
+    try:
+        message = _parse_kind("agent_judgement", obj, limits, request_id)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+    assert isinstance(message, JudgementRequest)
+    return message
 
 
 def _parse_kind(kind: Any, obj: dict[str, Any], limits: Limits, request_id: str | None) -> ClientMessage:

@@ -56,15 +56,21 @@ _COMMAND_RETRIES = 3
 
 
 def connect(
-    settings: Settings, *, client_name: str = "magi-gateway", retries: int = _COMMAND_RETRIES
+    settings: Settings,
+    *,
+    client_name: str = "magi-gateway",
+    retries: int = _COMMAND_RETRIES,
+    max_connections: int | None = None,
 ) -> RedisClient:
     """A Redis client for ``settings.redis_dsn`` (``redis://``, ``rediss://``, ``unix://``,
     or a ``redis+sentinel://`` master, see the module docstring).
 
     ``retries=0`` makes every connection failure surface at once: the notification
     listener needs that, because a silent reconnect inside redis-py would skip the
-    catch-up read of what was published while it was away.
+    catch-up read of what was published while it was away. ``max_connections`` caps the
+    pool (per node in a cluster); default ``REDIS_MAX_CONNECTIONS``.
     """
+    pool_size = settings.redis_max_connections if max_connections is None else max_connections
     retry = Retry(
         ExponentialWithJitterBackoff(cap=settings.redis_backoff_cap_s, base=settings.redis_backoff_base_s),
         retries=retries,
@@ -78,7 +84,7 @@ def connect(
             ssl=cluster.ssl,
             decode_responses=False,
             retry=retry,
-            max_connections=settings.redis_max_connections,
+            max_connections=pool_size,
             health_check_interval=10,
             socket_connect_timeout=5,
             socket_keepalive=True,
@@ -89,7 +95,7 @@ def connect(
     pool_class = FailoverPool if parse_sentinel_url(settings.redis_dsn) else BlockingConnectionPool
     pool = pool_class.from_url(
         settings.redis_dsn,
-        max_connections=settings.redis_max_connections,
+        max_connections=pool_size,
         timeout=settings.redis_pool_timeout_s,
         decode_responses=False,
         retry=retry,

@@ -1,4 +1,5 @@
-"""The ASGI application: ``/ws``, health, readiness, metrics, console and debug tokens."""
+"""The ASGI application: ``/ws``, the ``/v1`` HTTP API, health, readiness, metrics, console
+and debug tokens."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from magi_gateway.core.handshake import Admission
 from magi_gateway.core.jwt_auth import JwtVerifier
 from magi_gateway.logs import redact_access_log
 from magi_gateway.server.gateway import Gateway
+from magi_gateway.server.http_api import HttpApi
 from magi_gateway.server.jwt_keys import KeyFile
 from magi_gateway.server.websocket import WebSocketEndpoint
 from magi_gateway.settings import Settings
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     jwt = JwtVerifier(verifier, keys.current, audience=settings.jwt_audience, issuer=settings.jwt_issuer)
     admission = Admission(verifier, throttle, settings.cors_origin_list, jwt)
     endpoint = WebSocketEndpoint(gateway, admission)
+    http_api = HttpApi(gateway, admission)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -89,6 +92,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             yield
         finally:
             await gateway.stop()
+            await http_api.aclose()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "instance": gateway.instance_id})
@@ -137,6 +141,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     if settings.debug:
         routes.append(Route("/v1/token", issue_token, methods=["POST"]))
+    routes.extend(http_api.routes())
     middleware = [
         Middleware(
             CORSMiddleware,
@@ -149,4 +154,5 @@ def create_app(settings: Settings | None = None) -> Starlette:
     app.state.gateway = gateway
     app.state.admission = admission  # for the fast WebSocket driver (server.ws_protocol)
     app.state.settings = settings
+    app.state.http_api = http_api
     return app

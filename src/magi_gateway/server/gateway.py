@@ -182,6 +182,18 @@ class Gateway:
         """Whether ``appid`` has ``max_connections_per_app`` connections here already."""
         return self._per_app.get(appid, 0) >= self.settings.max_connections_per_app
 
+    def hold_app_slot(self, appid: AppId) -> None:
+        """Count one more connection (or ``/v1`` event stream) of ``appid`` here."""
+        self._per_app[appid] = self._per_app.get(appid, 0) + 1
+
+    def release_app_slot(self, appid: AppId) -> None:
+        """Undo one ``hold_app_slot``."""
+        remaining = self._per_app.get(appid, 1) - 1
+        if remaining > 0:
+            self._per_app[appid] = remaining
+        else:
+            self._per_app.pop(appid, None)
+
     def connect(
         self, appid: AppId, peer: str = "", *, expires_at: float | None = None, jwt: JwtVerifier | None = None
     ) -> Connection:
@@ -200,7 +212,7 @@ class Gateway:
             expires_at=expires_at,
             jwt=jwt,
         )
-        self._per_app[appid] = self._per_app.get(appid, 0) + 1
+        self.hold_app_slot(appid)
         self._connections[connection.id] = connection
         connection.push(frames.connection_established(connection.id), b"connection_established")
         metrics.CONNECTIONS.inc()
@@ -210,11 +222,7 @@ class Gateway:
         """Forget a closed connection; its sessions run on (disconnect is not cancel)."""
         connection.stop_expiry()
         if self._connections.pop(connection.id, None) is not None:
-            remaining = self._per_app.get(connection.appid, 1) - 1
-            if remaining > 0:
-                self._per_app[connection.appid] = remaining
-            else:
-                self._per_app.pop(connection.appid, None)
+            self.release_app_slot(connection.appid)
         if not self._connections:
             self._all_closed.set()
         self.delivery.forget_connection(connection)

@@ -17,6 +17,11 @@ without an answer. This subclass adds, per connection:
   closed; for ``/ws`` that is the answer to the upgrade, so no WebSocket opens.
   ``/healthz`` is exempt, so a full instance is not restarted by its liveness probe.
 
+It also hands each request a ``StreamControl`` (ASGI scope extension ``magi.stream``), for
+responses that stream for minutes (``/v1`` event streams): ``closing`` is set when the
+server shuts down (uvicorn waits for every response to end), and ``abort`` drops a
+connection whose client stopped reading (closing it would wait for the client to read).
+
 ``magi-gateway serve`` and ``up`` use it (``http_protocol(settings)``); with plain
 ``uvicorn magi_gateway.main:app`` pass ``--http magi_gateway.server.http_protocol:GatewayHttpProtocol``
 (its limits then come from the environment). It relies on uvicorn internals, hence the
@@ -44,7 +49,7 @@ from magi_gateway.server import metrics
 from magi_gateway.server.plain_http import plain_response
 from magi_gateway.settings import Settings
 
-__all__ = ["EdgeLimits", "GatewayHttpProtocol", "http_protocol"]
+__all__ = ["STREAM_CONTROL", "EdgeLimits", "GatewayHttpProtocol", "StreamControl", "http_protocol"]
 
 #: The WebSocket parser's own line limit (websockets' ``MAX_LINE_LENGTH``); uvicorn hands it
 #: the request line and each header as ``name: value``, so nothing longer may pass.
@@ -67,6 +72,25 @@ class EdgeLimits:
     def from_settings(cls, settings: Settings) -> EdgeLimits:
         """The limits ``settings`` names."""
         return cls(handshake_timeout_s=settings.handshake_timeout_s, max_connections=settings.max_connections)
+
+
+#: The ASGI scope extension holding the request's ``StreamControl``.
+STREAM_CONTROL = "magi.stream"
+
+
+class StreamControl:
+    """What a long streaming response may ask of its connection."""
+
+    __slots__ = ("_transport", "closing")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        #: Set when the server shuts down: a streaming response should end now.
+        self.closing = asyncio.Event()
+
+    def abort(self) -> None:
+        """Drop the connection at once, discarding what the client has not read."""
+        self._transport.abort()
 
 
 class _Refused(Exception):
@@ -97,6 +121,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._header_size = 0
         self._refusal: tuple[int, str] | None = None
+        self._control: StreamControl | None = None
 
     # -- the handshake timeout -------------------------------------------------------------
 
@@ -120,6 +145,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_head_timer()
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self._control is not None:
+            self._control.closing.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
@@ -158,6 +188,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._control = StreamControl(self.transport)
+        self.scope["extensions"] = {STREAM_CONTROL: self._control}  # type: ignore[dict-item]
         self._head_open = True
         self._header_count = 0
         self._header_size = 0

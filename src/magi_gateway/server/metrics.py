@@ -28,6 +28,8 @@ __all__ = [
     "SESSIONS",
     "SESSIONS_COMPLETED",
     "SESSIONS_STARTED",
+    "SSE_STREAMS",
+    "SSE_STREAMS_DROPPED",
     "TIME_TO_FINAL",
     "TIME_TO_FIRST_CHUNK",
     "count_out",
@@ -36,6 +38,8 @@ __all__ = [
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 CONNECTIONS = Gauge("magi_connections", "Open authenticated WebSocket connections")
+SSE_STREAMS = Gauge("magi_sse_streams", "Open /v1 event streams")
+SSE_STREAMS_DROPPED = Counter("magi_sse_streams_dropped", "Event streams dropped: the client stopped reading")
 SESSIONS = Gauge(
     "magi_sessions",
     "Sessions by state: running (all instances, from Redis), delivering (attached here)",

@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import protocol
@@ -26,7 +28,7 @@ from magi_gateway.core.errors import (
     TooManySessions,
     TooManyViewers,
 )
-from magi_gateway.core.ids import AppId, InstanceId, SessionId
+from magi_gateway.core.ids import AppId, ConnectionId, InstanceId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
 from magi_gateway.logs import session_id_var
 from magi_gateway.redis.intake import PendingIntake
@@ -36,13 +38,24 @@ from magi_gateway.server.delivery import Delivery
 from magi_gateway.server.outbox import Connection
 from magi_gateway.settings import Settings
 
-__all__ = ["SessionOps"]
+__all__ = ["SessionOps", "Watch"]
 
 logger = logging.getLogger(__name__)
 
 #: A duplicate request_id can arrive while the first is still creating its session.
 _CREATION_WAIT_POLLS = 20
 _CREATION_WAIT_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """A connection following the session being opened: registered as its first viewer."""
+
+    viewer: ConnectionId
+    #: The session was not created: stop delivering it.
+    undo: Callable[[], None]
+    #: It was, with the viewer registered.
+    created: Callable[[], None]
 
 
 class SessionOps:
@@ -57,10 +70,41 @@ class SessionOps:
         self.lease_ms = int(settings.viewer_lease_s * 1000)
 
     async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
-        """Start a session: log it, queue the served agents, answer the others at once."""
+        """Start a session delivered to ``connection`` (a retried ``request_id``: its session
+        again, replayed from seq 1)."""
+
+        async def retried(existing: SessionId) -> None:
+            await self.attach(connection, existing, 0, wait_for_creation=True, restart=True)
+
+        def watch(session_id: SessionId) -> Watch:
+            session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
+            return Watch(
+                connection.id,
+                undo=lambda: self.delivery.untrack(session),
+                created=lambda: self.delivery.registered(session),
+            )
+
+        await self.start_judgement(connection.appid, request, retried=retried, watch=watch)
+
+    async def start_judgement(
+        self,
+        appid: AppId,
+        request: protocol.JudgementRequest,
+        *,
+        retried: Callable[[SessionId], Awaitable[None]],
+        watch: Callable[[SessionId], Watch] | None = None,
+    ) -> SessionId:
+        """Start a session: log it, queue the served agents, answer the others at once.
+
+        The WebSocket's ``agent_judgement`` and ``POST /v1/judgements`` both come here.
+        ``watch(session_id)`` runs before the session is written (so its first message is
+        delivered live) and returns the connection to register as the session's first
+        viewer, with what to do once it is created or if it is not; a retried
+        ``request_id`` calls ``retried(existing)`` instead (``SessionNotFound`` from it: the
+        earlier session has expired and the request starts afresh). Returns the session id.
+        """
         session_id = new_session_id()
         session_id_var.set(session_id)
-        appid = connection.appid
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         retention_ms = timeout_ms + self.settings.session_retention_s * 1000
         try:
@@ -74,12 +118,12 @@ class SessionOps:
             # A retried request: the same session again, replayed from the start
             # (unless it has expired meanwhile: then the request starts afresh).
             try:
-                await self.attach(connection, existing, 0, wait_for_creation=True, restart=True)
-                return
+                await retried(existing)
+                return existing
             except SessionNotFound:
                 await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
         deadline_ms = now_ms() + timeout_ms
-        session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
+        watching = watch(session_id) if watch is not None else None
         try:
             plan = plan_judgement(request.agent_ids, live)
             intake = PendingIntake(
@@ -93,14 +137,16 @@ class SessionOps:
                 deadline_ms,
                 request.request_id,
                 intake=intake,
-                viewer=connection.id,
+                viewer=None if watching is None else watching.viewer,
                 viewer_lease_ms=self.lease_ms,
             )
         except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
-            self.delivery.untrack(session)
+            if watching is not None:
+                watching.undo()
             await self._release(appid, request.request_id, session_id)
             raise
-        self.delivery.registered(session)
+        if watching is not None:
+            watching.created()
         metrics.SESSIONS_STARTED.inc()
         try:
             await self.store.intake.enqueue(intake)
@@ -115,6 +161,7 @@ class SessionOps:
             # The session is accepted: the intake repair queues its requests (any
             # instance), the deadline sweep answers the rest.
             logger.warning("session %s left to the intake repair (%s)", session_id, exc.__cause__ or exc)
+        return session_id
 
     async def _release(self, appid: AppId, request_id: str | None, session_id: SessionId) -> None:
         """Unbind ``request_id`` from a session that was not created (if Redis answers)."""
@@ -124,13 +171,17 @@ class SessionOps:
 
     async def session_info(self, connection: Connection, session_id: SessionId, *, wait: bool) -> SessionInfo:
         """The session, if it exists and belongs to the connection's appid."""
+        return await self.find_session(connection.appid, session_id, wait=wait)
+
+    async def find_session(self, appid: AppId, session_id: SessionId, *, wait: bool) -> SessionInfo:
+        """The session, if it exists and belongs to ``appid`` (``wait``: it may be being created)."""
         info = await self.store.session_info(session_id)
         for _ in range(_CREATION_WAIT_POLLS if wait else 0):
             if info is not None:
                 break
             await asyncio.sleep(_CREATION_WAIT_POLL_S)
             info = await self.store.session_info(session_id)
-        if info is None or info.appid != connection.appid:
+        if info is None or info.appid != appid:
             raise SessionNotFound("Session not found or expired", session_id=session_id)
         return info
 
@@ -185,7 +236,11 @@ class SessionOps:
 
     async def cancel(self, connection: Connection, session_id: SessionId) -> None:
         """Give every pending agent a cancelled final and tell the workers to stop."""
-        info = await self.session_info(connection, session_id, wait=False)
+        await self.cancel_session(connection.appid, session_id)
+
+    async def cancel_session(self, appid: AppId, session_id: SessionId) -> None:
+        """``cancel`` for ``appid`` (the WebSocket's and ``POST /v1/sessions/{id}/cancel``)."""
+        info = await self.find_session(appid, session_id, wait=False)
         if info.completed:
             raise GatewayError("Session already complete", code="session_completed", session_id=session_id)
         await self.store.finish_pending(info, ResultCode.CANCELLED, {"error": "Cancelled by the client"})
