@@ -78,6 +78,9 @@ def relay(
     ] = False,
     deflate: Annotated[bool, typer.Option(help="Clients offer permessage-deflate")] = False,
     limit: Annotated[bool, typer.Option(help="Also measure the limit baseline relay")] = True,
+    sse: Annotated[
+        bool, typer.Option(help="Also measure the product's HTTP/SSE API (POST /v1/judgements)")
+    ] = False,
     loadgen_procs: Annotated[int, typer.Option(min=1, help="Load generator processes")] = 1,
     gateways: Annotated[int, typer.Option(min=1, help="Gateway processes (clients spread over them)")] = 1,
     workers: Annotated[int, typer.Option(min=1, help="Bench worker processes")] = 1,
@@ -108,6 +111,7 @@ def relay(
         return run_relay(
             points,
             limit=limit,
+            sse=sse,
             workdir=work_dir,
             keep=keep,
             redis_max_connections=redis_max_connections,

@@ -27,6 +27,7 @@ import secrets
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,14 @@ from websockets.asyncio.client import ClientConnection
 
 from magi_gateway.agents.bench import chunk_sent_ns
 from magi_gateway.bench._stats import Histogram
+from magi_gateway.bench.sse_client import HttpStatusError, SseConnection
 from magi_gateway.core.auth import compute_token, minute_of
 
 __all__ = ["LoadgenConfig", "config_json", "main", "write_json"]
 
 _STREAM = "agent_judgement_stream"
 _COMPLETE = "agent_judgement_complete"
+_SSE_PATH = "/v1/judgements"
 _POLL_S = 0.01
 _RUN_ID = secrets.token_hex(6)
 _BACKOFF_BASE_S = 0.1
@@ -64,6 +67,9 @@ class LoadgenConfig:
     #: Frames one request may bring before the client gives up on it (bounds the read loop).
     max_frames_per_request: int = 1000
     deflate: bool = False
+    #: Relay: "ws" (``url`` is the WebSocket's) or "sse" (``url`` is the gateway's http:// root;
+    #: each request is a ``POST /v1/judgements`` answered as an event stream).
+    transport: str = "ws"
     concurrency: int = 200
     open_timeout_s: float = 30.0
     request_timeout_s: float = 60.0
@@ -142,6 +148,21 @@ async def _connect_all(config: LoadgenConfig, errors: Counter[str]) -> tuple[lis
     return [ws for ws in opened if ws is not None], last_ns
 
 
+async def _open_http(config: LoadgenConfig, errors: Counter[str]) -> list[SseConnection]:
+    """``config.clients`` HTTP connections (SSE transport), ``config.concurrency`` at a time."""
+    gate = asyncio.Semaphore(config.concurrency)
+
+    async def one() -> SseConnection | None:
+        async with gate:
+            try:
+                return await SseConnection.open(config.url)
+            except OSError as exc:
+                errors[f"connect: {type(exc).__name__}: {exc}"[:200]] += 1
+                return None
+
+    return [link for link in await asyncio.gather(*(one() for _ in range(config.clients))) if link]
+
+
 class _RelayStats:
     __slots__ = ("chunk_latency", "chunks", "errors", "frames", "request_latency", "requests")
 
@@ -154,8 +175,76 @@ class _RelayStats:
         self.errors: Counter[str] = Counter()
 
 
+_DONE, _FAILED = "done", "failed"
+
+
+def _count_frame(raw: bytes, sent_ns: int, t0_ns: int, t1_ns: int, stats: _RelayStats) -> str | None:
+    """Count one frame of the current request; ``_DONE`` or ``_FAILED`` when the request ends."""
+    now_ns = time.time_ns()
+    message = orjson.loads(raw)
+    kind = message.get("type")
+    in_window = t0_ns <= now_ns < t1_ns
+    if in_window:
+        stats.frames += 1
+    if kind == _STREAM:
+        sent = chunk_sent_ns(message["data"]["thinking"])
+        if sent < sent_ns:
+            # Older than the request: a replayed session, not a new one.
+            stats.errors["chunk older than its request"] += 1
+        elif in_window:
+            stats.chunks += 1
+            stats.chunk_latency.add((now_ns - sent) / 1000)
+    elif kind == _COMPLETE:
+        if in_window:
+            stats.requests += 1
+            stats.request_latency.add((now_ns - sent_ns) / 1000)
+        return _DONE
+    elif "error" in message:
+        stats.errors[f"error frame: {message.get('code')}"] += 1
+        return _FAILED
+    return None
+
+
+async def _ws_request(
+    ws: ClientConnection, request: bytes, config: LoadgenConfig, t: tuple[int, int], stats: _RelayStats
+) -> str | None:
+    """One request over the WebSocket: send it, count its frames until it ends."""
+    sent_ns = time.time_ns()
+    await ws.send(request.decode())
+    for _ in range(config.max_frames_per_request):
+        if (outcome := _count_frame(await ws.recv(decode=False), sent_ns, *t, stats)) is not None:
+            return outcome
+    return None
+
+
+async def _sse_request(
+    http: SseConnection, request: bytes, config: LoadgenConfig, t: tuple[int, int], stats: _RelayStats
+) -> str | None:
+    """One request over HTTP: ``POST /v1/judgements`` as an event stream, counted to its end."""
+    sent_ns = time.time_ns()
+    token = compute_token(config.appid, config.secret, minute_of(time.time()))
+    headers = {"X-Magi-Appid": config.appid, "X-Magi-Token": token}
+    outcome: str | None = None
+    frames = 0
+    try:
+        async for data in http.stream(_SSE_PATH, request, headers):
+            frames += 1
+            if frames > config.max_frames_per_request:
+                return None
+            outcome = _count_frame(data, sent_ns, *t, stats) or outcome
+    except HttpStatusError as exc:
+        stats.errors[f"HTTP {exc.status}"] += 1
+        return _FAILED
+    return outcome or _FAILED
+
+
 async def _relay_client(
-    ws: ClientConnection, config: LoadgenConfig, index: int, t0_ns: int, t1_ns: int, stats: _RelayStats
+    link: ClientConnection | SseConnection,
+    config: LoadgenConfig,
+    index: int,
+    t0_ns: int,
+    t1_ns: int,
+    stats: _RelayStats,
 ) -> None:
     """One closed-loop client: a request, all its frames, the next request."""
     request = {"type": "agent_judgement", "agent_ids": config.agent_ids, "data": {"user_input": "bench"}}
@@ -167,65 +256,52 @@ async def _relay_client(
     while time.time_ns() < t1_ns:
         sent_requests += 1
         request["request_id"] = f"{prefix}-{sent_requests}"
-        sent_ns = time.time_ns()
+        body = orjson.dumps(request)
         try:
             async with asyncio.timeout(config.request_timeout_s):
-                await ws.send(orjson.dumps(request).decode())
-                for _ in range(config.max_frames_per_request):
-                    raw = await ws.recv(decode=False)
-                    now_ns = time.time_ns()
-                    message = orjson.loads(raw)
-                    kind = message.get("type")
-                    in_window = t0_ns <= now_ns < t1_ns
-                    if in_window:
-                        stats.frames += 1
-                    if kind == _STREAM:
-                        sent = chunk_sent_ns(message["data"]["thinking"])
-                        if sent < sent_ns:
-                            # Older than the request: a replayed session, not a new one.
-                            stats.errors["chunk older than its request"] += 1
-                        elif in_window:
-                            stats.chunks += 1
-                            stats.chunk_latency.add((now_ns - sent) / 1000)
-                    elif kind == _COMPLETE:
-                        if in_window:
-                            stats.requests += 1
-                            stats.request_latency.add((now_ns - sent_ns) / 1000)
-                        failures = 0
-                        break
-                    elif "error" in message:
-                        stats.errors[f"error frame: {message.get('code')}"] += 1
-                        failures += 1
-                        break
+                if isinstance(link, SseConnection):
+                    if link.closed:
+                        link = await SseConnection.open(config.url)
+                    outcome = await _sse_request(link, body, config, (t0_ns, t1_ns), stats)
                 else:
-                    stats.errors["too many frames for one request"] += 1
-                    return
+                    outcome = await _ws_request(link, body, config, (t0_ns, t1_ns), stats)
         except TimeoutError:
             stats.errors["request timeout"] += 1
             return
         except websockets.ConnectionClosed as exc:
             stats.errors[f"connection closed: {exc.rcvd.code if exc.rcvd else None}"] += 1
             return
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            stats.errors[f"connection lost: {type(exc).__name__}"] += 1
+            return
+        if outcome is None:
+            stats.errors["too many frames for one request"] += 1
+            return
+        failures = failures + 1 if outcome == _FAILED else 0
         if failures:
             # Back off after an error as MagiClient does, rather than hammer a failing gateway.
             delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2**failures)
             await asyncio.sleep(random.uniform(delay / 2, delay))
 
 
-async def _close_all(connections: list[ClientConnection], concurrency: int) -> None:
+async def _close_all(connections: Sequence[ClientConnection | SseConnection], concurrency: int) -> None:
     gate = asyncio.Semaphore(concurrency)
 
-    async def close(ws: ClientConnection) -> None:
+    async def close(link: ClientConnection | SseConnection) -> None:
         async with gate:
             with contextlib.suppress(OSError, websockets.WebSocketException):
-                await ws.close()
+                await link.close()
 
     await asyncio.gather(*(close(ws) for ws in connections))
 
 
 async def _relay(config: LoadgenConfig) -> None:
     stats = _RelayStats()
-    connections, _ = await _connect_all(config, stats.errors)
+    connections: list[ClientConnection | SseConnection] = []
+    if config.transport == "sse":
+        connections.extend(await _open_http(config, stats.errors))
+    else:
+        connections.extend((await _connect_all(config, stats.errors))[0])
     write_json(config.path("ready"), {"connected": len(connections)})
     go = await _wait_file(config.path("go"), config.wait_timeout_s)
     t0_ns, t1_ns = int(go["t0_ns"]), int(go["t1_ns"])

@@ -123,6 +123,7 @@ def _measure(
     servers: Sequence[Child],
     workers: Sequence[Child],
     label: str,
+    transport: str = "ws",
 ) -> dict[str, Any]:
     """Drive ``point``'s load against ``urls`` (clients spread over them); measure the window."""
     configs = [
@@ -137,6 +138,7 @@ def _measure(
             deflate=point.deflate,
             request_timeout_s=_REQUEST_TIMEOUT_S,
             stagger_s=min(point.warmup_s, _STAGGER_S),
+            transport=transport,
             name=f"lg{i}",
         )
         for i, count in enumerate(split(point.clients, max(point.loadgen_procs, len(urls))))
@@ -151,6 +153,7 @@ def _point_result(
     limit: dict[str, Any] | None,
     redis_max_connections: int | None,
     cluster_masters: int = 0,
+    sse: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {
         "clients": point.clients,
@@ -167,8 +170,9 @@ def _point_result(
         "redis_cluster_masters": cluster_masters,
     }
     result.update({("chunks_delivered" if k == "chunks" else k): v for k, v in product.items()})
-    for key, value in (limit or {}).items():
-        result[f"limit_{'chunks_delivered' if key == 'chunks' else key}"] = value
+    for prefix, side in (("limit", limit), ("sse", sse)):
+        for key, value in (side or {}).items():
+            result[f"{prefix}_{'chunks_delivered' if key == 'chunks' else key}"] = value
     add_ratios(result)
     return result
 
@@ -179,6 +183,7 @@ def _run_side(
     label: str,
     start_worker: Callable[[str], Child],
     start_gateway: Callable[[str], tuple[Child, str]],
+    transport: str = "ws",
 ) -> dict[str, Any]:
     """Empty Redis, start ``point.workers`` workers and ``point.gateways`` gateways, measure, stop them.
 
@@ -195,14 +200,19 @@ def _run_side(
             gateways.append(gateway)
             started.append(gateway)
             urls.append(url)
-        return _measure(h, point, urls, gateways, workers, label)
+        return _measure(h, point, urls, gateways, workers, label, transport)
     finally:
         for child in reversed(started):
             h.children.stop(child)
 
 
-def _run_product(h: Harness, point: RelayPoint, label: str, concurrency: int) -> dict[str, Any]:
-    """The product: ``magi-gateway agent bench`` workers and ``magi-gateway serve`` gateways."""
+def _run_product(
+    h: Harness, point: RelayPoint, label: str, concurrency: int, transport: str = "ws"
+) -> dict[str, Any]:
+    """The product: ``magi-gateway agent bench`` workers and ``magi-gateway serve`` gateways.
+
+    ``transport`` "sse": the clients ask over HTTP (``POST /v1/judgements``, event stream).
+    """
 
     def worker(name: str) -> Child:
         return h.start_worker(
@@ -224,9 +234,9 @@ def _run_product(h: Harness, point: RelayPoint, label: str, concurrency: int) ->
             max_outbound_messages=max(1024, 4 * (point.chunks + _EXTRA_FRAMES)),
             max_outbound_bytes=max(4 << 20, 4 * (point.chunks + _EXTRA_FRAMES) * (point.chunk_bytes + 256)),
         )
-        return child, f"ws://127.0.0.1:{port}/ws"
+        return child, f"ws://127.0.0.1:{port}/ws" if transport == "ws" else f"http://127.0.0.1:{port}"
 
-    return _run_side(h, point, label, worker, gateway)
+    return _run_side(h, point, label, worker, gateway, transport)
 
 
 def _run_limit(h: Harness, point: RelayPoint, label: str) -> dict[str, Any]:
@@ -248,6 +258,7 @@ def run_relay(
     points: Sequence[RelayPoint],
     *,
     limit: bool = True,
+    sse: bool = False,
     workdir: Path | None = None,
     keep: bool = False,
     redis_max_connections: int | None = None,
@@ -255,6 +266,8 @@ def run_relay(
     progress: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
     """Measure every point (product, then baseline); one result dict per point.
+
+    ``sse``: also measure the product with its clients on the HTTP/SSE API (``sse_*`` keys).
 
     ``redis_max_connections`` sets the gateway's and the worker's Redis pool size
     (through ``REDIS_URL``); None leaves redis-py's default.
@@ -274,8 +287,14 @@ def run_relay(
             if limit:
                 progress(f"limit    {what}")
                 baseline = _run_limit(h, point, label + "L")
-            results.append(_point_result(point, product, baseline, redis_max_connections, cluster_masters))
-            if product["errors"] or (baseline and baseline["errors"]):
+            over_http = None
+            if sse:
+                progress(f"SSE      {what}")
+                over_http = _run_product(h, point, label + "S", concurrency, "sse")
+            results.append(
+                _point_result(point, product, baseline, redis_max_connections, cluster_masters, over_http)
+            )
+            if any(side and side["errors"] for side in (product, baseline, over_http)):
                 h.keep = True
                 progress(f"errors seen: logs kept in {h.workdir}")
     return results

@@ -67,8 +67,14 @@ def relay_table(results: Sequence[dict[str, Any]]) -> Table:
         table.add_column("metric")
         table.add_column("gateway", justify="right")
         table.add_column("limit", justify="right")
+        over_http = "sse_chunks_per_s" in r
+        if over_http:
+            table.add_column("gateway SSE", justify="right")
         for label, key, pattern in _RELAY_ROWS:
-            table.add_row(label, _fmt(r.get(key), pattern), _fmt(r.get(f"limit_{key}"), pattern))
+            cells = [_fmt(r.get(key), pattern), _fmt(r.get(f"limit_{key}"), pattern)]
+            if over_http:
+                cells.append(_fmt(r.get(f"sse_{key}"), pattern))
+            table.add_row(label, *cells)
         table.caption = "gateway / limit: " + ", ".join(
             f"{label} {_fmt(r.get(key), '{:.2f}')}" for label, key in _RATIO_CAPTION
         )
