@@ -76,6 +76,33 @@ def test_bench_relay_smoke(tmp_path: Path) -> None:
     assert machine["python"]
 
 
+def test_bench_relay_measures_the_http_api_beside_the_websocket(tmp_path: Path) -> None:
+    data = _bench(
+        tmp_path,
+        "relay",
+        "--clients",
+        "2",
+        "--chunks",
+        "5",
+        "--bytes",
+        "64",
+        "--seconds",
+        "2",
+        "--sse",
+        "--no-limit",
+    )
+    for key in ("chunks_per_s", "gateway_cpu_us_per_chunk", "chunk_latency_p99_ms"):
+        for side in (key, f"sse_{key}"):
+            value = data[side]
+            assert isinstance(value, int | float), side
+            assert value > 0, side
+    assert data["errors"] == {}
+    assert data["sse_errors"] == {}
+    # Requests over HTTP were answered to their complete (the window cuts some in two).
+    assert isinstance(data["sse_requests"], int)
+    assert data["sse_requests"] > 0
+
+
 def _wait(ready: Callable[[], object], what: str, child: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 20
     while not ready():
