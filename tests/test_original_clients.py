@@ -414,3 +414,32 @@ def test_a_damaged_stored_frame_is_skipped_not_fatal() -> None:
     assert translation(good, b"agent_judgement_stream") is True
     (sent,) = [orjson.loads(frame) for frame in connection.take()]
     assert (sent["agent_id"], sent["content"], sent["seq"]) == (MELCHIOR, "hm", 4)
+
+
+async def test_every_viewer_of_an_original_session_gets_its_shapes(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker
+) -> None:
+    # The dialect belongs to the session: a second viewer (on another instance, here)
+    # gets the same agent_response frames as the client that opened it, each in full.
+    first, second = await start_gateway(settings), await start_gateway(settings)
+    await start_worker(demo_agents(delay_s=0.02))
+    opener, viewer = await connect(first), await connect(second)
+    try:
+        await send(opener, frontend_judgement("Shall we have tea?"))
+        assert (await recv(opener))["type"] == "message_received"
+        head = await recv(opener)  # the session is running: its id is known
+        await send(viewer, {"type": "resume", "session_id": head["session_id"], "last_seq": 0})
+        assert (await recv(viewer))["type"] == "message_received"
+        opened = [head, *await read_until_complete(opener)]
+        viewed = await read_until_complete(viewer)
+    finally:
+        await opener.close()
+        await viewer.close()
+
+    def untimed(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in m.items() if k != "timestamp"} for m in frames]
+
+    assert untimed(viewed) == untimed(opened)
+    for responses in by_agent(viewed).values():
+        assert_agent_lifecycle(responses)
+        assert verdict_of(responses) == "POSITIVE"
