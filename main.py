@@ -1,13 +1,15 @@
 """The original entry point, kept working: ``python main.py`` or ``uvicorn main:app``.
 
-Configuration comes from the environment and ``.env`` (see README, Configuration).
+Configuration comes from the environment and ``.env`` (see README, Configuration). The
+app starts its gateway with the ASGI lifespan, or on its first request when the server
+runs none (``uvicorn main:app --lifespan off``; see ``magi_gateway.server.lazy``).
 """
 
-from magi_gateway.server.app import create_app
+from magi_gateway.server.lazy import lazy_app
 from magi_gateway.settings import Settings
 
 settings = Settings()
-app = create_app(settings)
+app = lazy_app(settings)
 
 if __name__ == "__main__":
     import uvicorn

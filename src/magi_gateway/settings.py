@@ -3,7 +3,10 @@
 Variable names are the field names upper-cased (``REDIS_HOST``, ``JUDGEMENT_TIMEOUT_S``).
 The original service's names (``DEBUG HOST PORT REDIS_HOST REDIS_PORT REDIS_DB
 REDIS_PASSWORD FIXED_SECRET CORS_ORIGINS``) keep working; ``REDIS_URL`` wins over the
-``REDIS_*`` parts when set. Units are part of the names.
+``REDIS_*`` parts when set. Units are part of the names. The original gateway's own
+names are aliases: ``GATEWAY_HOST GATEWAY_PORT GATEWAY_CORS_ORIGINS GATEWAY_REDIS_HOST
+GATEWAY_REDIS_PORT GATEWAY_REDIS_DB GATEWAY_REDIS_PASSWORD GATEWAY_SECRET`` (the
+canonical name wins when both are set).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ from __future__ import annotations
 from typing import Any, Literal
 from urllib.parse import quote
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from magi_gateway.core.dialect import DEFAULT_ALIASES, parse_aliases
 
 __all__ = ["Settings", "comma_list"]
 
@@ -22,14 +27,21 @@ def comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _also(name: str, original: str) -> Any:
+    """Read the setting ``name`` also from the original gateway's ``original`` variable."""
+    return AliasChoices(name, original)
+
+
 class Settings(BaseSettings):
     """Gateway and worker configuration."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     debug: bool = False
-    host: str = "0.0.0.0"  # noqa: S104 - a server; `magi-gateway up` binds 127.0.0.1
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("0.0.0.0", validation_alias=_also("host", "gateway_host"))  # noqa: S104 - `up` binds 127.0.0.1
+    port: int = Field(8000, ge=0, le=65535, validation_alias=_also("port", "gateway_port"))
     #: uvicorn's WebSocket implementation (compared in BENCHMARKS.md).
     ws_impl: Literal["fast", "auto", "websockets", "websockets-sansio", "wsproto"] = "fast"
     #: Signs ``magi-gateway admin`` commands; unset, gateways ignore every admin command.
@@ -37,15 +49,17 @@ class Settings(BaseSettings):
     #: ``text`` for a terminal, ``json`` for one JSON object per log line (with ids).
     log_format: Literal["text", "json"] = "text"
 
-    redis_host: str = "localhost"
-    redis_port: int = Field(6379, ge=1, le=65535)
-    redis_db: int = Field(0, ge=0)
-    redis_password: str | None = None
+    redis_host: str = Field("localhost", validation_alias=_also("redis_host", "gateway_redis_host"))
+    redis_port: int = Field(6379, ge=1, le=65535, validation_alias=_also("redis_port", "gateway_redis_port"))
+    redis_db: int = Field(0, ge=0, validation_alias=_also("redis_db", "gateway_redis_db"))
+    redis_password: str | None = Field(
+        None, validation_alias=_also("redis_password", "gateway_redis_password")
+    )
     redis_url: str | None = None
     #: Prefix of every Redis key, so several deployments can share one server.
     redis_key_prefix: str = "magi"
 
-    fixed_secret: str | None = None
+    fixed_secret: str | None = Field(None, validation_alias=_also("fixed_secret", "gateway_secret"))
     #: JSON object ``{"appid": "secret"}``; when set, only these appids may connect.
     app_secrets: dict[str, str] = Field(default_factory=dict)
     #: Previous minutes whose token is still accepted (the seed scheme accepts 1).
@@ -57,7 +71,10 @@ class Settings(BaseSettings):
     #: When set, a JWT's ``iss`` must equal it.
     jwt_issuer: str | None = None
     #: ``*`` or a comma-separated list of origins, for CORS and the WebSocket Origin check.
-    cors_origins: str = "*"
+    cors_origins: str = Field("*", validation_alias=_also("cors_origins", "gateway_cors_origins"))
+    #: ``alias=agent,…``: ids of the original system's clients and the agents that answer
+    #: for them, unless an agent is served under that very id (empty: no aliases).
+    agent_aliases: str = ",".join(f"{alias}={agent}" for alias, agent in DEFAULT_ALIASES.items())
     #: Proxies whose ``X-Forwarded-For``/``-Proto`` are trusted: comma-separated addresses or
     #: networks (``10.0.0.0/8``), ``*`` for any; empty (the default): none, the peer's own
     #: address is the client's (for the auth-failure throttle, logs). uvicorn's variable name.
@@ -152,6 +169,12 @@ class Settings(BaseSettings):
         # The original .env template has `REDIS_PASSWORD=` (empty): that means "none".
         return None if value == "" else value
 
+    @field_validator("agent_aliases")
+    @classmethod
+    def _aliases_parse(cls, value: str) -> str:
+        parse_aliases(value)  # raises ValueError, reported with the variable's name
+        return value
+
     @field_validator("jwt_keys_file", "jwt_audience", "jwt_issuer", mode="before")
     @classmethod
     def _empty_jwt_setting_is_unset(cls, value: Any) -> Any:
@@ -174,6 +197,11 @@ class Settings(BaseSettings):
     def trusts_proxies(self) -> bool:
         """Whether any proxy's forwarding headers are trusted (``FORWARDED_ALLOW_IPS`` set)."""
         return bool(self.forwarded_allow_ips.strip())
+
+    @property
+    def agent_alias_map(self) -> dict[str, str]:
+        """``AGENT_ALIASES`` as a mapping, alias to agent."""
+        return parse_aliases(self.agent_aliases)
 
     @property
     def legacy_agent_list(self) -> list[str]:

@@ -9,17 +9,21 @@
     model = "gpt-4o-mini"         # optional: LLM_MODEL otherwise
     base_url = "http://127.0.0.1:11434/v1"
     api_key_env = "OPENAI_API_KEY"  # optional: the variable holding the key (LLM_API_KEY otherwise)
+    aliases = ["d37c1cc8-bcc4-4b73-9f49-a93a30971f2c"]  # optional: other ids clients use for it
 
 One ``[[agent]]`` table per agent. ``demo``: ``name`` is melchior, balthasar or casper
 (``delay_s``). ``bench``: ``name``, ``chunks``, ``chunk_bytes``, ``delay_s``. ``python``:
 ``target = "package.module:object"`` (an agent, an Agent subclass, or a list of agents;
 ``name`` picks one of them). ``llm`` also takes ``timeout_s``, ``connect_timeout_s``,
 ``stall_timeout_s``, ``temperature`` and ``max_tokens``; unset keys come from the ``LLM_*``
-variables. Keys never go in the file: name the variable that holds one.
+variables. Keys never go in the file: name the variable that holds one. Any entry of one
+agent takes ``aliases``: ids the worker declares to the gateways for that agent
+(``Agent.aliases``; the original system's UUIDs, say), over the gateways' ``AGENT_ALIASES``.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import tomllib
@@ -58,7 +62,11 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LLMEntry(_Entry):
+class _AgentEntry(_Entry):
+    aliases: tuple[AgentName, ...] = ()
+
+
+class LLMEntry(_AgentEntry):
     """``kind = "llm"``: an ``LLMAgent``; unset keys come from the ``LLM_*`` variables."""
 
     kind: Literal["llm"]
@@ -74,7 +82,7 @@ class LLMEntry(_Entry):
     max_tokens: int | None = None
 
 
-class DemoEntry(_Entry):
+class DemoEntry(_AgentEntry):
     """``kind = "demo"``: one of the offline MAGI demo agents."""
 
     kind: Literal["demo"]
@@ -82,7 +90,7 @@ class DemoEntry(_Entry):
     delay_s: float = Field(0.15, ge=0)
 
 
-class BenchEntry(_Entry):
+class BenchEntry(_AgentEntry):
     """``kind = "bench"``: the synthetic benchmark agent."""
 
     kind: Literal["bench"]
@@ -92,7 +100,7 @@ class BenchEntry(_Entry):
     delay_s: float = Field(0.0, ge=0)
 
 
-class PythonEntry(_Entry):
+class PythonEntry(_AgentEntry):
     """``kind = "python"``: agents imported from ``package.module:object``."""
 
     kind: Literal["python"]
@@ -164,7 +172,7 @@ def _persona_path(persona: str, base_dir: Path | None) -> str:
 
 def _build(entry: LLMEntry | DemoEntry | BenchEntry | PythonEntry, base_dir: Path) -> list[Agent]:
     if isinstance(entry, LLMEntry):
-        overrides = entry.model_dump(exclude={"kind", "name", "persona", "api_key_env"})
+        overrides = entry.model_dump(exclude={"kind", "name", "persona", "api_key_env", "aliases"})
         return [
             make_llm_agent(
                 entry.name, entry.persona, base_dir=base_dir, api_key_env=entry.api_key_env, **overrides
@@ -195,6 +203,11 @@ def parse_agents_config(data: dict[str, Any], base_dir: Path) -> list[Agent]:
     for index, entry in enumerate(parsed.agent):
         try:
             built = _build(entry, base_dir)
+            if entry.aliases:
+                if len(built) != 1:
+                    raise AgentsConfigError("aliases need an entry of one agent (give its name)")
+                built = [copy.copy(built[0])]  # an imported agent object stays as it was
+                built[0].aliases = entry.aliases
         except AgentsConfigError as exc:
             raise AgentsConfigError(f"{_where(index, data)}: {exc}") from exc
         for made in built:

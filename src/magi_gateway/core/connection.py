@@ -13,14 +13,20 @@ back saying what to do —
 
 The order of the checks is the protocol's: the message rate first (a flood costs
 no parsing), then parsing and the limits. Nothing here raises on bad input.
+
+A connection speaks the original system's dialect (``original``) from the first message
+only that dialect has: a judgement in its form, or ``get_voters``. From then on every
+accepted message is acknowledged (``ack``: ``message_received``, before its reply) and
+bad JSON is answered ``Invalid JSON format``, as the original gateway did; a connection
+that never sends such a message sees the seed protocol only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from magi_gateway.core import frames, protocol
+from magi_gateway.core import dialect, frames, protocol
 from magi_gateway.core.errors import AuthenticationFailed, GatewayError, RateLimited
 from magi_gateway.core.ids import AppId, ConnectionId
 from magi_gateway.core.jwt_auth import JwtVerifier, is_jwt
@@ -42,6 +48,8 @@ class Received:
     reply_kind: bytes = b""
     #: The error code, when ``reply`` is an error.
     error: str | None = None
+    #: To send before anything else (the original dialect's ``message_received``).
+    ack: bytes | None = None
 
 
 _PONG = Received("ping", reply=frames.PONG, reply_kind=b"pong")
@@ -50,7 +58,7 @@ _PONG = Received("ping", reply=frames.PONG, reply_kind=b"pong")
 class ClientProtocol:
     """The client side of one authenticated connection: who it is and how fast it may talk."""
 
-    __slots__ = ("appid", "expires_at", "id", "jwt", "limits", "on_expiry_change", "rate_limit")
+    __slots__ = ("appid", "expires_at", "id", "jwt", "limits", "on_expiry_change", "original", "rate_limit")
 
     def __init__(
         self,
@@ -73,6 +81,8 @@ class ClientProtocol:
         self.expires_at = expires_at
         #: Called after a refresh moved ``expires_at`` (the driver re-arms its timer).
         self.on_expiry_change: Callable[[], None] | None = None
+        #: The client speaks the original system's dialect (see the module's docstring).
+        self.original = False
 
     def receive(self, frame: str | bytes, now: float, wall_now: float | None = None) -> Received:
         """Check and parse one client frame (``now``: monotonic seconds; ``wall_now``: UNIX
@@ -85,7 +95,19 @@ class ClientProtocol:
         try:
             message = protocol.parse_client_frame(frame, self.limits)
         except GatewayError as exc:
+            if self.original and exc.code == "invalid_json":
+                return Received("invalid", reply=dialect.INVALID_JSON, reply_kind=b"error", error=exc.code)
             return _error("invalid", exc)
+        received = self._answer(message, wall_now)
+        if not self.original:
+            self.original = isinstance(message, protocol.GetVoters) or (
+                isinstance(message, protocol.JudgementRequest) and message.original
+            )
+        if self.original:
+            return replace(received, ack=dialect.message_received(message.type))
+        return received
+
+    def _answer(self, message: protocol.ClientMessage, wall_now: float | None) -> Received:
         if isinstance(message, protocol.Ping):
             if message.request_id is None:
                 return _PONG

@@ -22,6 +22,7 @@ __all__ = [
     "Cancel",
     "ClientMessage",
     "GetAgents",
+    "GetVoters",
     "JudgementRequest",
     "Limits",
     "Ping",
@@ -60,6 +61,9 @@ class JudgementRequest:
     #: without ``user_input``), bounded by ``max_frame_bytes`` as the frame is. Passed
     #: through as they came, so not part of the message's equality.
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: The frame was in the original system's form (``agents`` objects, or the input in
+    #: ``request`` / ``context``): its session is answered in that system's reply shapes.
+    original: bool = False
     type: Literal["agent_judgement"] = "agent_judgement"
 
     def forwarded_fields(self) -> bytes:
@@ -115,7 +119,15 @@ class Refresh:
     type: Literal["refresh"] = "refresh"
 
 
-ClientMessage = JudgementRequest | Cancel | Resume | Ping | GetAgents | Refresh
+@dataclass(frozen=True, slots=True)
+class GetVoters:
+    """``get_voters`` (the original system's): list the agents a judgement may ask."""
+
+    request_id: str | None = None
+    type: Literal["get_voters"] = "get_voters"
+
+
+ClientMessage = JudgementRequest | Cancel | Resume | Ping | GetAgents | GetVoters | Refresh
 
 
 def _field(obj: dict[str, Any], name: str) -> Any:
@@ -136,25 +148,66 @@ def _session_id(obj: dict[str, Any]) -> SessionId:
 
 
 def _judgement(obj: dict[str, Any], limits: Limits) -> JudgementRequest:
-    agent_ids = _field(obj, "agent_ids")
+    """The seed form (``agent_ids``, ``data.user_input``) or the original system's
+    (``agents: [{"agent_id"}]``, the input in ``request``, or in the older top-level
+    ``context`` / ``judgement``); a field of the seed form wins when both are present."""
+    original_agents = "agent_ids" not in obj and "agents" in obj
+    agent_ids = _original_agent_ids(obj["agents"]) if original_agents else _field(obj, "agent_ids")
+    named = "agents" if original_agents else "agent_ids"  # errors use the client's own words
     if not isinstance(agent_ids, list) or not agent_ids:
-        raise _invalid("agent_ids must be a non-empty list of strings")
+        raise _invalid(f"{named} must be a non-empty list of strings")
     if len(agent_ids) > limits.max_agents:
         raise TooManyAgents(f"At most {limits.max_agents} agents per judgement")
     for agent_id in agent_ids:
         if not isinstance(agent_id, str) or not AGENT_ID_PATTERN.fullmatch(agent_id):
             raise _invalid("Each agent id must be 1-64 characters of letters, digits, '_', '.' or '-'")
     if len(set(agent_ids)) != len(agent_ids):
-        raise _invalid("agent_ids must not repeat an agent")
-    data = _field(obj, "data")
-    if not isinstance(data, dict):
-        raise _invalid("data must be an object")
-    user_input = _field(data, "user_input")
+        raise _invalid(f"{named} must not repeat an agent")
+    original_input = "data" not in obj and _ORIGINAL_INPUTS & obj.keys()
+    if original_input:
+        user_input, name = _original_input(obj)
+    else:
+        data = _field(obj, "data")
+        if not isinstance(data, dict):
+            raise _invalid("data must be an object")
+        user_input, name = _field(data, "user_input"), "data.user_input"
     if not isinstance(user_input, str):
-        raise _invalid("data.user_input must be a string")
+        raise _invalid(f"{name} must be a string")
     if len(user_input.encode()) > limits.max_input_bytes:
-        raise _invalid(f"data.user_input exceeds {limits.max_input_bytes} bytes")
-    return JudgementRequest(tuple(AgentId(a) for a in agent_ids), user_input, _valid_request_id(obj))
+        raise _invalid(f"{name} exceeds {limits.max_input_bytes} bytes")
+    return JudgementRequest(
+        tuple(AgentId(a) for a in agent_ids),
+        user_input,
+        _valid_request_id(obj),
+        original=bool(original_agents or original_input),
+    )
+
+
+#: Where the original system's clients put the input: ``request`` (the frontend and CLI
+#: client), or ``context`` and ``judgement`` (an older client).
+_ORIGINAL_INPUTS = frozenset({"request", "context", "judgement"})
+
+
+def _original_agent_ids(agents: Any) -> list[Any]:
+    """The ids of ``agents: [{"agent_id": …}, …]``."""
+    if (
+        not isinstance(agents, list)
+        or not agents
+        or not all(isinstance(a, dict) and "agent_id" in a for a in agents)
+    ):
+        raise _invalid('agents must be a non-empty list of {"agent_id": "..."} objects')
+    return [a["agent_id"] for a in agents]
+
+
+def _original_input(obj: dict[str, Any]) -> tuple[Any, str]:
+    """The input of an original-form frame, and the name its errors give it."""
+    if "request" in obj:
+        return obj["request"], "request"
+    parts = [obj[name] for name in ("context", "judgement") if name in obj]
+    name = "context" if "context" in obj else "judgement"
+    if not all(isinstance(part, str) for part in parts):
+        return None, name
+    return "\n".join(parts), name
 
 
 #: Fields of a judgement frame ``JudgementRequest`` has already; ``extra_fields`` keeps the rest.
@@ -247,6 +300,8 @@ def _parse_kind(kind: Any, obj: dict[str, Any], limits: Limits, request_id: str 
         return Ping(request_id)
     if kind == "get_agents":
         return GetAgents(request_id)
+    if kind == "get_voters":
+        return GetVoters(request_id)
     if kind == "cancel":
         return Cancel(_session_id(obj), request_id)
     if kind == "resume":

@@ -159,6 +159,12 @@ class Keys:
         return f"{{{self.prefix}}}:agents"
 
     @property
+    def agent_aliases(self) -> str:
+        """Aliases workers declare for their agents: field = the alias, value = JSON
+        ``{"agent", "expires_ms"}`` (refreshed by each heartbeat)."""
+        return f"{{{self.prefix}}}:aliases"
+
+    @property
     def deadlines(self) -> str:
         """Deadlines of running sessions, for the timeout sweep."""
         return f"{{{self.prefix}}}:deadlines"

@@ -1,17 +1,19 @@
 """Worker liveness and agent queues: who serves which agent, and how far behind it is.
 
 Workers heartbeat their agents into ``{P}:a:AGENT:workers`` and ``{P}:agents`` (scores
-are expiry times); gateways read them to answer ``get_agents``, to fail requests for
+are expiry times), and the aliases their agents declare into ``{P}:aliases`` (each with
+its expiry); gateways read them to answer ``get_agents``, to fail requests for
 agents nobody serves at once, and for the queue gauges of ``/metrics``. ``Store``
 holds one (``store.liveness``), so callers keep one object per Redis client.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
 from redis.exceptions import ResponseError
@@ -65,12 +67,25 @@ class Liveness:
         self.redis = redis
         self.keys = keys
 
-    async def heartbeat(self, worker_id: str, agent_ids: Sequence[AgentId], ttl_ms: int) -> None:
-        """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``."""
+    async def heartbeat(
+        self,
+        worker_id: str,
+        agent_ids: Sequence[AgentId],
+        ttl_ms: int,
+        aliases: Mapping[str, AgentId] | None = None,
+    ) -> None:
+        """Mark ``worker_id`` alive for ``agent_ids`` for the next ``ttl_ms``, and the
+        ``aliases`` of its agents (alias to agent) valid as long."""
         now = now_ms()
         expires = now + ttl_ms
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
+                if aliases:
+                    declared = {
+                        a: orjson.dumps({"agent": t, "expires_ms": expires}) for a, t in aliases.items()
+                    }
+                    pipe.hset(self.keys.agent_aliases, mapping=declared)  # type: ignore[arg-type]
+                    self._extend_expiry(pipe, self.keys.agent_aliases, ttl_ms * 3)
                 for agent_id in agent_ids:
                     workers = self.keys.workers(agent_id)
                     pipe.zadd(workers, {worker_id: expires})
@@ -117,6 +132,21 @@ class Liveness:
         tail = replies[len(replies) - len(agent_ids) :]
         return dict(zip(agent_ids, (int(c) for c in tail), strict=True))
 
+    def queue_aliases(self, pipe: Pipeline | ClusterPipeline, agent_ids: Sequence[AgentId]) -> None:
+        """Queue the lookup of the aliases declared for ``agent_ids`` (its answer: ``aliases``)."""
+        pipe.hmget(self.keys.agent_aliases, list(agent_ids))
+
+    @staticmethod
+    def aliases(agent_ids: Sequence[AgentId], reply: Sequence[bytes | None]) -> dict[str, AgentId]:
+        """The unexpired aliases among ``agent_ids``, from the reply of ``queue_aliases``."""
+        return _unexpired(zip(agent_ids, reply, strict=True))
+
+    async def declared_aliases(self) -> dict[str, AgentId]:
+        """Every unexpired alias workers declare, alias to agent."""
+        with redis_errors():
+            declared: Any = await self.redis.hgetall(self.keys.agent_aliases)
+        return _unexpired((alias.decode(), value) for alias, value in declared.items())
+
     async def agent_stats(self) -> dict[AgentId, AgentStats]:
         """Queue state of every agent with a live worker (``XINFO GROUPS`` of its stream)."""
         live = await self.live_agents()
@@ -155,3 +185,16 @@ class Liveness:
             names: Any = await self.redis.zrangebyscore(self.keys.agents, now_ms(), "+inf")
         counts = await self.live_worker_counts([AgentId(n.decode()) for n in names])
         return {agent: n for agent, n in sorted(counts.items()) if n > 0}
+
+
+def _unexpired(declared: Any) -> dict[str, AgentId]:
+    """``(alias, stored value)`` pairs as alias to agent, the expired and unknown left out."""
+    now = now_ms()
+    found: dict[str, AgentId] = {}
+    for alias, value in declared:
+        if value is None:
+            continue
+        entry = orjson.loads(value)
+        if entry.get("expires_ms", 0) > now:
+            found[alias] = AgentId(entry["agent"])
+    return found

@@ -65,6 +65,7 @@ class SessionInfo:
     deadline_ms: int
     completed: bool
     pending: frozenset[AgentId]
+    dialect: bytes = b""  # its replies' dialect (core.dialect.OriginalReplies.meta); b"": the seed one
 
 
 class Store:
@@ -117,6 +118,7 @@ class Store:
         intake: PendingIntake | None = None,
         viewer: ConnectionId | None = None,
         viewer_lease_ms: int = 30_000,
+        dialect: bytes = b"",
     ) -> None:
         """Create the session's keys and write ``agent_judgement_accepted`` (seq 1), in one
         script call: a session never exists without its first message (a gateway killed
@@ -143,6 +145,7 @@ class Store:
             "ttl_ms": ttl_ms,
             "retention_ms": self.retention_ms,
             "max_msgs": self.max_session_messages,
+            **({"dialect": dialect} if dialect else {}),  # with the session: any instance resumes in it
         }
         tail = frames.accepted_tail(tuple(agent_ids), request_id)
         fields: list[str | int | bytes] = [item for pair in meta.items() for item in pair]
@@ -157,17 +160,19 @@ class Store:
 
     async def claim_and_count(
         self, appid: AppId, request_id: str | None, sid: SessionId, ttl_ms: int, agents: Sequence[AgentId]
-    ) -> tuple[SessionId | None, dict[AgentId, int]]:
-        """A judgement's first round trip: ``request_ids.claim`` (when there is a
-        ``request_id``) and ``liveness.live_worker_counts``, pipelined."""
+    ) -> tuple[SessionId | None, dict[AgentId, int], dict[str, AgentId]]:
+        """A judgement's first round trip, pipelined: ``request_ids.claim`` (with a ``request_id``),
+        ``liveness.live_worker_counts`` and the aliases workers declare among ``agents``."""
         with redis_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
                 if request_id is not None:
                     self.request_ids.queue_claim(pipe, appid, request_id, sid, ttl_ms)
+                self.liveness.queue_aliases(pipe, agents)
                 self.liveness.queue_counts(pipe, agents)
                 replies = await pipe.execute()
         existing = self.request_ids.claimed(replies) if request_id is not None else None
-        return existing, self.liveness.counts(agents, replies)
+        declared = self.liveness.aliases(agents, replies[-len(agents) - 1])
+        return existing, self.liveness.counts(agents, replies), declared
 
     async def session_info(self, session_id: SessionId) -> SessionInfo | None:
         """The session's metadata, or None when unknown or expired."""
@@ -188,6 +193,7 @@ class Store:
             deadline_ms=int(meta[b"deadline_ms"]),
             completed=b"completed" in meta,
             pending=frozenset(AgentId(a.decode()) for a in pending),
+            dialect=meta.get(b"dialect", b""),
         )
 
     async def result_code(self, session_id: SessionId, agent_id: AgentId) -> ResultCode | None:

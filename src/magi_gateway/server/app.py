@@ -97,6 +97,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok", "instance": gateway.instance_id})
 
+    async def ws_health(request: Request) -> Response:
+        # The original gateway's health route (a compatibility alias of /healthz).
+        return JSONResponse({"status": "healthy"})
+
     async def readyz(request: Request) -> Response:
         if await gateway.ready():
             return JSONResponse({"status": "ready"})
@@ -133,6 +137,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         WebSocketRoute("/ws", endpoint.handle),
         Route("/healthz", healthz),
+        Route("/ws/health", ws_health),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
         Route("/", console),

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from magi_gateway._util import Backoff
 from magi_gateway.core import frames
@@ -48,16 +48,37 @@ _COMPLETE = b"agent_judgement_complete"
 _FIRST_PAGE = 64
 
 
+class Translation(Protocol):
+    """Queues a stored frame as a client of another dialect gets it (``server.dialect``)."""
+
+    #: At most how many more frames, and bytes, a stored frame becomes (replays wait for that room).
+    extra_frames: int
+    extra_bytes: int
+
+    def __call__(self, frame: bytes, kind: bytes, /) -> bool: ...
+
+
 class LocalSession:
     """A session delivered to one of this instance's connections (one viewer of it)."""
 
-    __slots__ = ("connection", "registered", "state")
+    __slots__ = ("connection", "extra", "registered", "send", "state")
 
-    def __init__(self, state: SessionDelivery, connection: Connection, *, registered: bool) -> None:
+    def __init__(
+        self,
+        state: SessionDelivery,
+        connection: Connection,
+        *,
+        registered: bool,
+        translation: Translation | None = None,
+    ) -> None:
         self.state = state
         self.connection = connection
         #: Whether this viewer is registered in Redis (to renew, and to remove when it stops).
         self.registered = registered
+        #: Queues one stored frame for the client: the connection's ``push`` (the bytes as
+        #: stored), or the session's ``translation``.
+        self.send: Callable[[bytes, bytes], bool] = connection.push if translation is None else translation
+        self.extra = (0, 0) if translation is None else (translation.extra_frames, translation.extra_bytes)
 
     @property
     def id(self) -> SessionId:
@@ -108,12 +129,13 @@ class Delivery:
         started: float | None = None,
         *,
         registered: bool = False,
+        translation: Translation | None = None,
     ) -> LocalSession:
         """Deliver ``session_id`` to ``connection`` from ``last_seq`` on (replacing its
-        earlier delivery to that connection, if any; other viewers are not touched)."""
-        session = LocalSession(
-            SessionDelivery(session_id, connection.id, last_seq, started), connection, registered=registered
-        )
+        earlier delivery to that connection, if any; other viewers are not touched;
+        ``translation``: see ``LocalSession.send``)."""
+        state = SessionDelivery(session_id, connection.id, last_seq, started)
+        session = LocalSession(state, connection, registered=registered, translation=translation)
         previous = self.viewer(session_id, connection)
         if previous is not None:
             session.registered = session.registered or previous.registered
@@ -179,7 +201,7 @@ class Delivery:
         """Hand one frame (of type ``kind``) to the session's connection."""
         state = session.state
         state.sent(seq)
-        queued = session.connection.push(frame, kind)
+        queued = session.send(frame, kind)
         if queued and state.started is not None:
             if kind == _STREAM and not state.chunk_seen:
                 state.chunk_seen = True
@@ -224,6 +246,7 @@ class Delivery:
         *,
         restart: bool = False,
         registered: bool = False,
+        translation: Translation | None = None,
     ) -> None:
         """Deliver ``session_id`` to ``connection``: replay after ``last_seq``, then live.
 
@@ -245,7 +268,9 @@ class Delivery:
             current.state.resumed(last_seq)
             current.registered = current.registered or registered
             return
-        self.replay(self.track(session_id, connection, last_seq, registered=registered))
+        self.replay(
+            self.track(session_id, connection, last_seq, registered=registered, translation=translation)
+        )
 
     def replay(self, session: LocalSession) -> None:
         """Start reading the log from the session's cursor, unless a replay runs already."""
@@ -271,6 +296,8 @@ class Delivery:
         page = max(connection.max_messages // 2, 1)
         half_bytes = max(connection.max_bytes // 2, 1)
         count = min(page, _FIRST_PAGE)
+        extra_frames, extra_bytes = session.extra
+        room = 1 + extra_frames  # frames one stored frame becomes, at most
         backoff = self._backoff()
         try:
             while self._current(session):
@@ -293,9 +320,9 @@ class Delivery:
                     return
                 size = 0
                 for seq, kind, frame in entries:
-                    if not connection.outbox.has_room(1, len(frame)):
+                    if not connection.outbox.has_room(room, len(frame) + extra_bytes):
                         # Large frames: the page goes out as the client reads, not at once.
-                        await connection.wait_for_room(1, len(frame))
+                        await connection.wait_for_room(room, len(frame) + extra_bytes)
                     if not self._current(session):
                         return
                     if seq > state.last_seq:  # a repeated resume may have moved the cursor on

@@ -29,7 +29,7 @@ from typing import Any
 
 from magi_gateway._tasks import cancel_and_wait
 from magi_gateway._util import Backoff
-from magi_gateway.core import frames, protocol
+from magi_gateway.core import dialect, frames, protocol
 from magi_gateway.core.admin import CommandChecker
 from magi_gateway.core.connection import ClientProtocol, Received
 from magi_gateway.core.errors import (
@@ -240,6 +240,8 @@ class Gateway:
         """
         metrics.BYTES_IN.inc(len(frame.encode()) if isinstance(frame, str) else len(frame))
         received = connection.client.receive(frame, time.monotonic(), time.time())
+        if received.ack is not None:  # "received" (original dialect): at once, before any answer
+            connection.push(received.ack, b"message_received")
         commands = connection.commands
         if received.command is None and not commands:
             self._answer(connection, received)
@@ -282,6 +284,11 @@ class Gateway:
         if isinstance(command, protocol.GetAgents):
             agents = await self.store.liveness.live_agents()
             connection.push(frames.agents_frame(agents, command.request_id), b"agents")
+        elif isinstance(command, protocol.GetVoters):
+            agents = await self.store.liveness.live_agents()
+            aliases = {**self.sessions.aliases, **await self.store.liveness.declared_aliases()}
+            voters = dialect.voters_frame(agents, aliases, command.request_id)
+            connection.push(voters, b"get_voters_response")
         elif isinstance(command, protocol.JudgementRequest):
             await self.open_judgement(connection, command)
         elif isinstance(command, protocol.Resume):

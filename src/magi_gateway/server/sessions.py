@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import protocol
+from magi_gateway.core.dialect import OriginalReplies, alias_targets, message_received, resolve_agents
 from magi_gateway.core.errors import (
     BackendCommandError,
     BackendUnavailable,
@@ -28,13 +29,14 @@ from magi_gateway.core.errors import (
     TooManySessions,
     TooManyViewers,
 )
-from magi_gateway.core.ids import AppId, ConnectionId, InstanceId, SessionId
+from magi_gateway.core.ids import AgentId, AppId, ConnectionId, InstanceId, SessionId
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
 from magi_gateway.logs import session_id_var
 from magi_gateway.redis.intake import PendingIntake
 from magi_gateway.redis.store import SessionInfo, Store
 from magi_gateway.server import metrics
 from magi_gateway.server.delivery import Delivery
+from magi_gateway.server.dialect import OriginalTranslation, translation_for
 from magi_gateway.server.outbox import Connection
 from magi_gateway.settings import Settings
 
@@ -68,6 +70,9 @@ class SessionOps:
         self.instance_id = instance_id
         #: How long a viewer's registration lasts unless renewed (``server.viewers``).
         self.lease_ms = int(settings.viewer_lease_s * 1000)
+        #: Agent aliases of ``AGENT_ALIASES`` (those workers declare override them; see
+        #: ``core.dialect.resolve_agents``).
+        self.aliases = settings.agent_alias_map
 
     async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
         """Start a session delivered to ``connection`` (a retried ``request_id``: its session
@@ -76,8 +81,15 @@ class SessionOps:
         async def retried(existing: SessionId) -> None:
             await self.attach(connection, existing, 0, wait_for_creation=True, restart=True)
 
-        def watch(session_id: SessionId) -> Watch:
-            session = self.delivery.track(session_id, connection, 0, started=time.monotonic())
+        def watch(session_id: SessionId, agent_ids: tuple[AgentId, ...]) -> Watch:
+            translation = None
+            if request.original:  # answered in the original clients' shapes
+                replies = OriginalReplies.for_request(
+                    session_id, request.request_id, agent_ids, request.agent_ids
+                )
+                translation = OriginalTranslation(connection, replies)
+            started = time.monotonic()
+            session = self.delivery.track(session_id, connection, 0, started=started, translation=translation)
             return Watch(
                 connection.id,
                 undo=lambda: self.delivery.untrack(session),
@@ -92,14 +104,15 @@ class SessionOps:
         request: protocol.JudgementRequest,
         *,
         retried: Callable[[SessionId], Awaitable[None]],
-        watch: Callable[[SessionId], Watch] | None = None,
+        watch: Callable[[SessionId, tuple[AgentId, ...]], Watch] | None = None,
     ) -> SessionId:
         """Start a session: log it, queue the served agents, answer the others at once.
 
         The WebSocket's ``agent_judgement`` and ``POST /v1/judgements`` both come here.
-        ``watch(session_id)`` runs before the session is written (so its first message is
-        delivered live) and returns the connection to register as the session's first
-        viewer, with what to do once it is created or if it is not; a retried
+        ``watch(session_id, agent_ids)`` runs before the session is written (so its first
+        message is delivered live; ``agent_ids``: the agents that answer, after aliases) and
+        returns the connection to register as the session's first viewer, with what to do
+        once it is created or if it is not; a retried
         ``request_id`` calls ``retried(existing)`` instead (``SessionNotFound`` from it: the
         earlier session has expired and the request starts afresh). Returns the session id.
         """
@@ -107,10 +120,19 @@ class SessionOps:
         session_id_var.set(session_id)
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         retention_ms = timeout_ms + self.settings.session_retention_s * 1000
+        requested = request.agent_ids
         try:
-            existing, live = await self.store.claim_and_count(
-                appid, request.request_id, session_id, retention_ms, request.agent_ids
+            existing, live, declared = await self.store.claim_and_count(
+                appid,
+                request.request_id,
+                session_id,
+                retention_ms,
+                [*requested, *alias_targets(requested, self.aliases)],
             )
+            aliases = {**self.aliases, **declared} if declared else self.aliases
+            if uncounted := [a for a in alias_targets(requested, aliases) if a not in live]:
+                # Aliases a worker declares for its agent (agents.toml): their agents' workers too.
+                live = {**live, **await self.store.liveness.live_worker_counts(uncounted)}
         except BackendUnavailable:
             await self._release(appid, request.request_id, session_id)  # it may have been bound
             raise
@@ -123,9 +145,13 @@ class SessionOps:
             except SessionNotFound:
                 await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
         deadline_ms = now_ms() + timeout_ms
-        watching = watch(session_id) if watch is not None else None
+        agent_ids = resolve_agents(requested, aliases, live)
+        dialect = b""
+        if request.original:  # stored with the session: whoever delivers it answers in it
+            dialect = OriginalReplies.for_request(session_id, request.request_id, agent_ids, requested).meta()
+        watching = watch(session_id, agent_ids) if watch is not None else None
         try:
-            plan = plan_judgement(request.agent_ids, live)
+            plan = plan_judgement(agent_ids, live)
             intake = PendingIntake(
                 session_id, appid, plan.queue, request.user_input, deadline_ms, request.forwarded_fields()
             )
@@ -133,12 +159,13 @@ class SessionOps:
                 session_id,
                 appid,
                 self.instance_id,
-                request.agent_ids,
+                agent_ids,
                 deadline_ms,
                 request.request_id,
                 intake=intake,
                 viewer=None if watching is None else watching.viewer,
                 viewer_lease_ms=self.lease_ms,
+                dialect=dialect,
             )
         except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
             if watching is not None:
@@ -193,6 +220,7 @@ class SessionOps:
         *,
         wait_for_creation: bool = False,
         restart: bool = False,
+        resuming: bool = False,
     ) -> None:
         """Deliver a session to ``connection``: replay after ``last_seq``, then live
         (``restart``: even if this connection receives it already, see ``Delivery.attach``).
@@ -203,6 +231,11 @@ class SessionOps:
         nothing more is published, so its readers are not counted.
         """
         info = await self.session_info(connection, session_id, wait=wait_for_creation)
+        if info.dialect and resuming and not connection.client.original:
+            # Resuming a session of the original dialect: the connection speaks it from
+            # now on, this resume acknowledged as soon as that is known.
+            connection.client.original = True
+            connection.push(message_received("resume"), b"message_received")
         current = self.delivery.viewer(session_id, connection)
         registered = False
         if not info.completed and (current is None or not current.registered):
@@ -217,12 +250,15 @@ class SessionOps:
         # The replay runs as a task, paced by the connection's buffer, and hands over to
         # live delivery once it has caught up with the log; a session this connection
         # receives already is not delivered twice.
-        self.delivery.attach(session_id, connection, last_seq, restart=restart, registered=registered)
+        translation = translation_for(connection, session_id, info.dialect) if info.dialect else None
+        self.delivery.attach(
+            session_id, connection, last_seq, restart=restart, registered=registered, translation=translation
+        )
 
     async def resume(self, connection: Connection, message: protocol.Resume) -> None:
         """``resume``: attach, counting the outcome."""
         try:
-            await self.attach(connection, message.session_id, message.last_seq)
+            await self.attach(connection, message.session_id, message.last_seq, resuming=True)
         except SessionNotFound:
             metrics.RESUMES.labels("not_found").inc()
             raise

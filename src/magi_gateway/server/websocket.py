@@ -68,10 +68,17 @@ class WebSocketEndpoint:
         receiver = asyncio.create_task(self._receive(websocket, connection))
         try:
             await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            for task in (sender, receiver):
+                task.cancel()
+            # asyncio.wait, not gather: cancelled while waiting (Starlette's TestClient
+            # cancels the handler once its client closed), this handler leaves in the
+            # same loop iteration; waiting one more, the server's cancel would land twice.
+            await asyncio.wait({sender, receiver})
         finally:
             for task in (sender, receiver):
                 task.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the connection is over either way
             self.gateway.disconnect(connection)
 
     async def _receive(self, websocket: WebSocket, connection: Connection) -> None:

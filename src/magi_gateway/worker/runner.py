@@ -39,6 +39,7 @@ from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.requests import Request, RequestQueue
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
+from magi_gateway.worker import sdk
 from magi_gateway.worker._finisher import RequestFinisher
 from magi_gateway.worker.appender import ChunkAppender, ChunkStream
 from magi_gateway.worker.sdk import Agent, AgentUnavailable, Context, Judgement, JudgementClosed
@@ -78,6 +79,7 @@ class Worker:
             raise ValueError("a worker needs at least one agent")
         self.settings = settings if settings is not None else Settings()
         self.agents: dict[AgentId, Agent] = {a.agent_id: a for a in agents}
+        self.aliases = sdk.declared_aliases(agents)  # alias to agent, for the heartbeats
         self.concurrency = concurrency or self.settings.worker_concurrency
         self.burst = burst
         self.grace_s = grace_s
@@ -217,7 +219,7 @@ class Worker:
         ttl_ms = int(self.settings.worker_ttl_s * 1000)
         while True:
             try:
-                await self.store.liveness.heartbeat(self.worker_id, list(self.agents), ttl_ms)
+                await self.store.liveness.heartbeat(self.worker_id, list(self.agents), ttl_ms, self.aliases)
                 await self.queue.refresh([job.request for job in self._jobs.values()])
             except BackendUnavailable:
                 logger.debug("heartbeat failed; Redis unavailable")

@@ -43,6 +43,7 @@ __all__ = [
     "Judgement",
     "JudgementClosed",
     "agent",
+    "declared_aliases",
 ]
 
 
@@ -176,6 +177,10 @@ class Agent:
     """
 
     name: str = ""
+    #: Other ids clients may ask for this agent by (the original system's UUIDs, say): the
+    #: worker declares them to every gateway. An id that an agent of its own serves stays
+    #: that agent's.
+    aliases: tuple[str, ...] = ()
 
     async def setup(self) -> None:
         """Acquire what the agent needs across judgements; called once before the first."""
@@ -219,3 +224,17 @@ def agent(name: str) -> Callable[[AgentFunction], FunctionAgent]:
         return made
 
     return wrap
+
+
+def declared_aliases(agents: Sequence[Agent]) -> dict[str, AgentId]:
+    """The agents' ``aliases``, alias to agent; each a valid agent id, used once."""
+    aliases: dict[str, AgentId] = {}
+    names = {agent.name for agent in agents}
+    for agent in agents:
+        for alias in agent.aliases:
+            if not AGENT_ID_PATTERN.fullmatch(alias):
+                raise ValueError(f"agent {agent.name!r}: invalid alias {alias!r}")
+            if alias in aliases or alias in names:
+                raise ValueError(f"agent {agent.name!r}: alias {alias!r} is taken")
+            aliases[alias] = agent.agent_id
+    return aliases
