@@ -20,6 +20,7 @@ from magi_gateway.agents import demo_agents
 from magi_gateway.core import frames
 from magi_gateway.core.notification import decode_notification
 from magi_gateway.core.session import ResultCode, new_session_id
+from magi_gateway.redis.intake import PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.requests import Request
 from magi_gateway.redis.store import Store
@@ -114,6 +115,7 @@ async def test_a_session_is_created_with_its_accepted_in_one_command(
     # A gateway killed between two commands must not leave a session without its seq 1
     # (one the client's retry is answered by but never recognises): the one command that
     # creates the session's keys also writes agent_judgement_accepted.
+    await new_session(store)  # the script loaded: no NOSCRIPT and retry in what is watched
     session_id = new_session_id()
     session = keys.session(session_id)
     marker = uuid.uuid4().hex
@@ -133,6 +135,60 @@ async def test_a_session_is_created_with_its_accepted_in_one_command(
     info = await store.session_info(session_id)
     assert info is not None
     assert info.pending == frozenset(AGENTS)
+
+
+async def test_a_new_sessions_requests_are_queued_in_its_creating_round_trip(
+    store: Store, keys: Keys, redis_client: Redis
+) -> None:
+    # On one server the creation and the enqueue are pipelined: the creation first, on the
+    # same connection, so no worker can read a request before its session exists.
+    await new_session(store)
+    await store.intake.enqueue(PendingIntake(new_session_id(), APP, (), "", 0), marked=False)  # loaded
+    session_id = new_session_id()
+    intake = PendingIntake(session_id, APP, tuple(AGENTS), "question", now_ms() + TIMEOUT_MS)
+    marker = uuid.uuid4().hex
+    async with redis_client.monitor() as monitor:
+        queued = await store.create_session(
+            session_id, APP, OWNER, AGENTS, intake.deadline_ms, None, intake=intake, enqueue=True
+        )
+        await redis_client.echo(marker)
+        seen: list[str] = []
+        while marker not in (seen[-1] if seen else ""):
+            command = await asyncio.wait_for(monitor.next_command(), 10)
+            if command.get("client_type") != "lua":
+                seen.append(str(command["command"]))
+    assert queued is True
+    creating = [i for i, c in enumerate(seen) if keys.session(session_id).meta in c]
+    enqueueing = [i for i, c in enumerate(seen) if keys.requests(AGENTS[0], APP) in c]
+    assert len(creating) == 1, seen
+    assert len(enqueueing) == 1, seen
+    assert creating[0] < enqueueing[0]
+    for agent in AGENTS:
+        entries = await redis_client.xrange(keys.requests(agent, APP))
+        assert [fields[b"sid"] for _, fields in entries] == [session_id.encode()]
+    assert not await redis_client.hexists(keys.unqueued, session_id)  # the mark went with the enqueue
+
+
+async def test_after_a_script_flush_a_session_is_created_and_its_requests_queued_once(
+    store: Store, keys: Keys, redis_client: Redis
+) -> None:
+    # A restarted server has no scripts: the pipelined EVALSHAs fail with NOSCRIPT, the
+    # creation is run again through the Script (which loads it), and the enqueue is left
+    # to intake.enqueue, once.
+    await new_session(store)  # the scripts are loaded...
+    await redis_client.script_flush()  # ...and gone
+    session_id = new_session_id()
+    intake = PendingIntake(session_id, APP, tuple(AGENTS), "question", now_ms() + TIMEOUT_MS)
+    queued = await store.create_session(
+        session_id, APP, OWNER, AGENTS, intake.deadline_ms, None, intake=intake, enqueue=True
+    )
+    assert queued is False
+    assert [e[0] for e in await redis_client.xrange(keys.session(session_id).log)] == [b"0-1"]
+    assert await store.intake.enqueue(intake) is True
+    assert await store.intake.enqueue(intake) is False  # the mark is gone: once
+    for agent in AGENTS:
+        entries = await redis_client.xrange(keys.requests(agent, APP))
+        assert [fields[b"sid"] for _, fields in entries] == [session_id.encode()]
 
 
 async def test_appends_allocate_consecutive_seqs_and_frames_start_with_type_session_seq(

@@ -139,11 +139,9 @@ class Intake:
                 f"This appid opens more than {limits.max_per_s:g} sessions per second; slow down"
             )
 
-    async def enqueue(self, intake: PendingIntake, *, marked: bool = True) -> bool:
-        """Queue the marked requests unless someone did; True when this call queued them.
-
-        ``marked=False`` queues them whether or not a mark is there (no mark is removed).
-        """
+    def enqueue_call(self, intake: PendingIntake, *, marked: bool = True) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the enqueue script for ``intake`` (``enqueue``; ``Store.create_session``
+        pipelines it with the session's creation on one server)."""
         keys = [self.keys.unqueued, self.keys.unqueued_due]
         for agent_id in intake.agent_ids:
             keys += [
@@ -163,6 +161,20 @@ class Intake:
             intake.extra,
             *intake.agent_ids,
         ]
+        return keys, args
+
+    @property
+    def enqueue_sha(self) -> str:
+        """The enqueue script's SHA1 (for ``EVALSHA`` in a pipeline)."""
+        sha: str = self._enqueue.sha
+        return sha
+
+    async def enqueue(self, intake: PendingIntake, *, marked: bool = True) -> bool:
+        """Queue the marked requests unless someone did; True when this call queued them.
+
+        ``marked=False`` queues them whether or not a mark is there (no mark is removed).
+        """
+        keys, args = self.enqueue_call(intake, marked=marked)
         with redis_errors():
             done = await self._enqueue(keys=keys, args=args)
         return bool(done)

@@ -17,6 +17,8 @@ from importlib.resources import files
 from typing import Any
 
 import orjson
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
@@ -119,11 +121,17 @@ class Store:
         viewer: ConnectionId | None = None,
         viewer_lease_ms: int = 30_000,
         dialect: bytes = b"",
-    ) -> None:
+        enqueue: bool = False,
+    ) -> bool:
         """Create the session's keys and write ``agent_judgement_accepted`` (seq 1), in one
         script call: a session never exists without its first message (a gateway killed
         between two steps used to leave one that a retried request was answered by, but
         whose client never saw it accepted).
+
+        ``enqueue``: on one server (not a Cluster) also queue ``intake``'s requests, in the
+        same round trip, right after the creation on the same connection (so no worker
+        can see a request before its session exists). Returns True when this queued them;
+        False leaves that to ``intake.enqueue``.
 
         The appid's limits are checked first (``TooManySessions``, ``RateLimited``), and
         the deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
@@ -151,12 +159,26 @@ class Store:
         fields: list[str | int | bytes] = [item for pair in meta.items() for item in pair]
         opener = [viewer_entry(owner, viewer) if viewer else "", viewer_lease_ms, len(fields)]
         args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), *opener]
+        keys, argv = self.keys.session(session_id).all(), [*args, *fields, *agent_ids]
+        reply: Any = None
+        queued: Any = None
         with redis_errors():
-            reply = await self._append(
-                keys=self.keys.session(session_id).all(), args=[*args, *fields, *agent_ids]
-            )
+            if enqueue and intake is not None and not isinstance(self.redis, RedisCluster):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(self._append.sha, len(keys), *keys, *argv)
+                    queue_keys, queue_args = self.intake.enqueue_call(intake)
+                    pipe.evalsha(self.intake.enqueue_sha, len(queue_keys), *queue_keys, *queue_args)
+                    reply, queued = await pipe.execute(raise_on_error=False)
+                if isinstance(reply, NoScriptError):  # a new or restarted server: the Script loads it
+                    reply = None
+                elif isinstance(reply, Exception):
+                    raise reply
+            if reply is None:
+                reply = await self._append(keys=keys, args=argv)
         if reply[0] < 0:  # session ids are random: an existing one is a defect, not a retry
             raise BackendCommandError(f"session {session_id} not created ({reply[0]})")
+        # The enqueue's error (NOSCRIPT, a refused command): the caller's intake.enqueue retries it.
+        return queued is not None and not isinstance(queued, Exception)
 
     async def claim_and_count(
         self, appid: AppId, request_id: str | None, sid: SessionId, ttl_ms: int, agents: Sequence[AgentId]

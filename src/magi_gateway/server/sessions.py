@@ -155,7 +155,7 @@ class SessionOps:
             intake = PendingIntake(
                 session_id, appid, plan.queue, request.user_input, deadline_ms, request.forwarded_fields()
             )
-            await self.store.create_session(
+            queued = await self.store.create_session(
                 session_id,
                 appid,
                 self.instance_id,
@@ -166,6 +166,7 @@ class SessionOps:
                 viewer=None if watching is None else watching.viewer,
                 viewer_lease_ms=self.lease_ms,
                 dialect=dialect,
+                enqueue=True,
             )
         except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
             if watching is not None:
@@ -176,7 +177,8 @@ class SessionOps:
             watching.created()
         metrics.SESSIONS_STARTED.inc()
         try:
-            await self.store.intake.enqueue(intake)
+            if not queued:
+                await self.store.intake.enqueue(intake)
             for agent_id in plan.no_worker:
                 await self.store.append_final(
                     session_id,
