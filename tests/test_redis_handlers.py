@@ -18,9 +18,10 @@ from redis.asyncio.client import PubSub
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.agents import demo_agents
 from magi_gateway.core import frames
+from magi_gateway.core.errors import RateLimited, TooManySessions
 from magi_gateway.core.notification import decode_notification
 from magi_gateway.core.session import ResultCode, new_session_id
-from magi_gateway.redis.intake import PendingIntake
+from magi_gateway.redis.intake import AppLimits, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.requests import Request
 from magi_gateway.redis.store import Store
@@ -167,6 +168,34 @@ async def test_a_new_sessions_requests_are_queued_in_its_creating_round_trip(
         entries = await redis_client.xrange(keys.requests(agent, APP))
         assert [fields[b"sid"] for _, fields in entries] == [session_id.encode()]
     assert not await redis_client.hexists(keys.unqueued, session_id)  # the mark went with the enqueue
+
+
+@pytest.mark.parametrize("limits", [AppLimits(max_running=1), AppLimits(max_per_s=1)])
+async def test_a_refused_admission_in_the_pipelined_opening_writes_nothing(
+    redis_client: Redis, keys: Keys, limits: AppLimits
+) -> None:
+    # The creation and the enqueue ride in the admission's round trip: refused, neither
+    # may write (the creation is guarded by the deadline entry, the enqueue by the mark).
+    store = Store(redis_client, keys, retention_s=RETENTION_S, app_limits=limits)
+    opened = []
+    for _ in range(2):
+        session_id = new_session_id()
+        intake = PendingIntake(session_id, APP, tuple(AGENTS), "question", now_ms() + TIMEOUT_MS)
+        try:
+            assert await store.create_session(
+                session_id, APP, OWNER, AGENTS, intake.deadline_ms, None, intake=intake, enqueue=True
+            )
+        except (TooManySessions, RateLimited):
+            refused = session_id
+        else:
+            opened.append(session_id)
+    assert len(opened) == 1
+    assert not await redis_client.exists(*keys.session(refused).all())
+    assert await redis_client.zscore(keys.deadlines, refused) is None
+    assert not await redis_client.hexists(keys.unqueued, refused)
+    for agent in AGENTS:
+        entries = await redis_client.xrange(keys.requests(agent, APP))
+        assert [fields[b"sid"] for _, fields in entries] == [opened[0].encode()]
 
 
 async def test_after_a_script_flush_a_session_is_created_and_its_requests_queued_once(

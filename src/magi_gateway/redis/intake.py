@@ -99,7 +99,7 @@ class Intake:
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
         self._admit = redis.register_script(_ADMIT_LUA)
 
-    async def admit(
+    def admit_call(
         self,
         session_id: SessionId,
         appid: AppId,
@@ -107,11 +107,9 @@ class Intake:
         ttl_ms: int,
         intake: PendingIntake | None,
         limits: AppLimits,
-    ) -> None:
-        """Count the session against its appid's limits, record its deadline and ``intake``.
-
-        Raises ``TooManySessions`` or ``RateLimited`` (and records nothing) over a limit.
-        """
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the admit script (``admit``; ``Store.create_session`` pipelines it
+        on one server)."""
         now = now_ms()
         keys = [
             self.keys.deadlines,
@@ -130,14 +128,44 @@ class Intake:
             intake.encode() if intake is not None else b"",
             now + REPAIR_AFTER_MS,
         ]
-        with redis_errors():
-            admitted = int(await self._admit(keys=keys, args=args))
-        if admitted == _TOO_MANY:
+        return keys, args
+
+    @property
+    def admit_sha(self) -> str:
+        """The admit script's SHA1 (for ``EVALSHA`` in a pipeline)."""
+        sha: str = self._admit.sha
+        return sha
+
+    @staticmethod
+    def check_admitted(code: int, limits: AppLimits) -> None:
+        """Raise ``TooManySessions`` or ``RateLimited`` for the admit script's refusals."""
+        if code == _TOO_MANY:
             raise TooManySessions(f"This appid has {limits.max_running} sessions running; try again later")
-        if admitted == _TOO_FAST:
+        if code == _TOO_FAST:
             raise RateLimited(
                 f"This appid opens more than {limits.max_per_s:g} sessions per second; slow down"
             )
+
+    async def admit(
+        self,
+        session_id: SessionId,
+        appid: AppId,
+        deadline_ms: int,
+        ttl_ms: int,
+        intake: PendingIntake | None,
+        limits: AppLimits,
+    ) -> None:
+        """Count the session against its appid's limits, record its deadline and ``intake``.
+
+        Raises ``TooManySessions`` or ``RateLimited`` (and records nothing) over a limit.
+        """
+        keys, args = self.admit_call(session_id, appid, deadline_ms, ttl_ms, intake, limits)
+        self.check_admitted(await self.run_admit(keys, args), limits)
+
+    async def run_admit(self, keys: list[str], args: list[Any]) -> int:
+        """Run the admit script with ``admit_call``'s KEYS and ARGV: its reply code."""
+        with redis_errors():
+            return int(await self._admit(keys=keys, args=args))
 
     def enqueue_call(self, intake: PendingIntake, *, marked: bool = True) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the enqueue script for ``intake`` (``enqueue``; ``Store.create_session``

@@ -18,7 +18,6 @@ from typing import Any
 
 import orjson
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
@@ -34,6 +33,7 @@ from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
+from magi_gateway.redis.opening import open_in_one_round_trip
 from magi_gateway.redis.signals import Signals
 from magi_gateway.redis.viewers import Viewers, viewer_entry
 
@@ -128,10 +128,9 @@ class Store:
         between two steps used to leave one that a retried request was answered by, but
         whose client never saw it accepted).
 
-        ``enqueue``: on one server (not a Cluster) also queue ``intake``'s requests, in the
-        same round trip, right after the creation on the same connection (so no worker
-        can see a request before its session exists). Returns True when this queued them;
-        False leaves that to ``intake.enqueue``.
+        ``enqueue``: on one server (not a Cluster) the admission, the creation and the
+        enqueue of ``intake``'s requests go in one round trip (``redis.opening``). Returns
+        True when this queued them; False leaves that to ``intake.enqueue``.
 
         The appid's limits are checked first (``TooManySessions``, ``RateLimited``), and
         the deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
@@ -141,9 +140,7 @@ class Store:
         registered as the session's first viewer (see ``redis.viewers``).
         """
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
-        # The deadline set is one key for all sessions, so not in the script below (which
-        # stays on the session's hash slot). Over an appid limit: raises, nothing written.
-        await self.intake.admit(session_id, appid, deadline_ms, ttl_ms, intake, self.app_limits)
+        admission = self.intake.admit_call(session_id, appid, deadline_ms, ttl_ms, intake, self.app_limits)
         meta: dict[str, str | int | bytes] = {
             "appid": appid,
             "owner": owner,
@@ -160,25 +157,27 @@ class Store:
         opener = [viewer_entry(owner, viewer) if viewer else "", viewer_lease_ms, len(fields)]
         args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), *opener]
         keys, argv = self.keys.session(session_id).all(), [*args, *fields, *agent_ids]
-        reply: Any = None
-        queued: Any = None
-        with redis_errors():
-            if enqueue and intake is not None and not isinstance(self.redis, RedisCluster):
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(self._append.sha, len(keys), *keys, *argv)
-                    queue_keys, queue_args = self.intake.enqueue_call(intake)
-                    pipe.evalsha(self.intake.enqueue_sha, len(queue_keys), *queue_keys, *queue_args)
-                    reply, queued = await pipe.execute(raise_on_error=False)
-                if isinstance(reply, NoScriptError):  # a new or restarted server: the Script loads it
-                    reply = None
-                elif isinstance(reply, Exception):
-                    raise reply
-            if reply is None:
+        queued = False
+        if enqueue and intake is not None and not isinstance(self.redis, RedisCluster):
+            reply, queued = await open_in_one_round_trip(
+                self.redis,
+                self.intake,
+                self._append,
+                admission,
+                [*keys, self.keys.deadlines],
+                argv,
+                intake,
+                self.app_limits,
+            )
+        else:
+            # The deadline set is one key for all sessions, so not in the creating script
+            # (which stays on the session's hash slot). Over an appid limit: raises, nothing written.
+            self.intake.check_admitted(await self.intake.run_admit(*admission), self.app_limits)
+            with redis_errors():
                 reply = await self._append(keys=keys, args=argv)
         if reply[0] < 0:  # session ids are random: an existing one is a defect, not a retry
             raise BackendCommandError(f"session {session_id} not created ({reply[0]})")
-        # The enqueue's error (NOSCRIPT, a refused command): the caller's intake.enqueue retries it.
-        return queued is not None and not isinstance(queued, Exception)
+        return queued
 
     async def claim_and_count(
         self, appid: AppId, request_id: str | None, sid: SessionId, ttl_ms: int, agents: Sequence[AgentId]

@@ -2,6 +2,8 @@
 -- session message (accepted, stream, final, complete).
 --
 -- KEYS: log seq meta pending results viewers
+--       (+ 'create' on one server, pipelined after the admit script: deadlines, the
+--       admission's record; no entry for the session there: nothing is written, -7)
 -- ARGV: mode type head tail agent_id result_json channel_prefix notify_prefix
 --       [viewer lease_ms n meta... agents...]
 --   mode           'create' | 'stream' | 'final' | 'complete'
@@ -18,10 +20,11 @@
 -- with none there, to the owner (the opening instance), as gateways before viewers expect.
 -- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
 -- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending,
--- -6 exists already (create).
+-- -6 exists already (create), -7 not admitted (create with the deadlines key).
 local meta = KEYS[3]
 local mode = ARGV[1]
 if mode == 'create' then
+  if KEYS[7] and not redis.call('ZSCORE', KEYS[7], string.sub(ARGV[8], 1, -2)) then return {-7} end
   if redis.call('EXISTS', meta) == 1 then return {-6} end
   local n = tonumber(ARGV[11])
   redis.call('HSET', meta, unpack(ARGV, 12, 11 + n))
@@ -47,7 +50,7 @@ local seq = redis.call('INCR', KEYS[2])
 local frame = ARGV[3] .. seq .. ',' .. ARGV[4]
 redis.call('XADD', KEYS[1], '0-' .. seq, 't', ARGV[2], 'f', frame)
 local ttl = redis.call('HGET', meta, mode == 'complete' and 'retention_ms' or 'ttl_ms')
-for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+for i = 1, 6 do redis.call('PEXPIRE', KEYS[i], ttl) end
 local viewers = redis.call('ZRANGE', KEYS[6], 0, -1)
 if #viewers == 0 then viewers = {redis.call('HGET', meta, 'owner') or ''} end
 local notified = {['']=true}

@@ -1,0 +1,68 @@
+"""A session's opening in one round trip, on one Redis server (not a Cluster).
+
+Opening a session takes three scripts: ``admit.lua`` (the appid's limits, the deadline
+and the intake mark, in the deployment's slot), ``append.lua`` in ``create`` mode (the
+session's keys and its ``agent_judgement_accepted``, in the session's slot) and
+``enqueue.lua`` (the requests, in the agents' streams). A Cluster runs them one after
+the other (``Store.create_session``): each on its own slot's node. One server takes them
+pipelined, each guarded by the step before, so the three cost one round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio.client import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+from magi_gateway.redis.client import redis_errors
+from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
+
+__all__ = ["open_in_one_round_trip"]
+
+
+async def open_in_one_round_trip(
+    redis: Redis,
+    intake_ops: Intake,
+    append: AsyncScript,
+    admission: tuple[list[str], list[Any]],
+    guarded_keys: list[str],
+    argv: list[Any],
+    intake: PendingIntake,
+    limits: AppLimits,
+) -> tuple[list[Any], bool]:
+    """Admit, create and enqueue, pipelined: the creating script's reply, and whether the
+    requests were queued.
+
+    The creation is guarded by the admission's deadline entry (``guarded_keys`` ends with
+    the deadlines key: without the session's entry it writes nothing, -7) and the enqueue
+    by the intake mark (written by the admission), in this order on one connection: nothing
+    is written past a refusal (``TooManySessions``, ``RateLimited`` are raised), and no
+    worker sees a request before its session exists. A script the server lacks (NOSCRIPT:
+    a new or restarted server) is run again through its ``Script``, which loads it; an
+    enqueue left undone is the caller's (``intake.enqueue``). (If the admission and the
+    enqueue ran but the creation met NOSCRIPT, the requests are queued the moment before
+    their session exists: an agent's first write may find none and its session then
+    times out. It takes another instance loading two scripts between two commands of
+    this pipeline.)
+    """
+    admit_keys, admit_args = admission
+    queue_keys, queue_args = intake_ops.enqueue_call(intake)
+    with redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.evalsha(intake_ops.admit_sha, len(admit_keys), *admit_keys, *admit_args)
+            pipe.evalsha(append.sha, len(guarded_keys), *guarded_keys, *argv)
+            pipe.evalsha(intake_ops.enqueue_sha, len(queue_keys), *queue_keys, *queue_args)
+            admitted, reply, queued = await pipe.execute(raise_on_error=False)
+        if isinstance(admitted, NoScriptError):  # nothing admitted: the guards wrote nothing
+            intake_ops.check_admitted(await intake_ops.run_admit(admit_keys, admit_args), limits)
+            created: list[Any] = await append(keys=guarded_keys, args=argv)
+            return created, False
+        for outcome in (admitted, reply):
+            if isinstance(outcome, Exception) and not isinstance(outcome, NoScriptError):
+                raise outcome
+        intake_ops.check_admitted(int(admitted), limits)
+        if isinstance(reply, NoScriptError):
+            reply = await append(keys=guarded_keys, args=argv)
+    return reply, queued == 1
