@@ -39,7 +39,7 @@ from websockets.asyncio.client import ClientConnection
 
 from magi_gateway.agents.bench import chunk_sent_ns
 from magi_gateway.bench._stats import Histogram
-from magi_gateway.bench.sse_client import HttpStatusError, SseConnection
+from magi_gateway.bench.sse_client import HttpStatusError, SseConnection, open_many
 from magi_gateway.core.auth import compute_token, minute_of
 
 __all__ = ["LoadgenConfig", "config_json", "main", "write_json"]
@@ -146,21 +146,6 @@ async def _connect_all(config: LoadgenConfig, errors: Counter[str]) -> tuple[lis
     opened = await asyncio.gather(*(one() for _ in range(config.clients)))
     last_ns = time.time_ns()
     return [ws for ws in opened if ws is not None], last_ns
-
-
-async def _open_http(config: LoadgenConfig, errors: Counter[str]) -> list[SseConnection]:
-    """``config.clients`` HTTP connections (SSE transport), ``config.concurrency`` at a time."""
-    gate = asyncio.Semaphore(config.concurrency)
-
-    async def one() -> SseConnection | None:
-        async with gate:
-            try:
-                return await SseConnection.open(config.url)
-            except OSError as exc:
-                errors[f"connect: {type(exc).__name__}: {exc}"[:200]] += 1
-                return None
-
-    return [link for link in await asyncio.gather(*(one() for _ in range(config.clients))) if link]
 
 
 class _RelayStats:
@@ -299,7 +284,7 @@ async def _relay(config: LoadgenConfig) -> None:
     stats = _RelayStats()
     connections: list[ClientConnection | SseConnection] = []
     if config.transport == "sse":
-        connections.extend(await _open_http(config, stats.errors))
+        connections.extend(await open_many(config.url, config.clients, config.concurrency, stats.errors))
     else:
         connections.extend((await _connect_all(config, stats.errors))[0])
     write_json(config.path("ready"), {"connected": len(connections)})

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-__all__ = ["HttpStatusError", "SseConnection"]
+__all__ = ["HttpStatusError", "SseConnection", "open_many"]
 
 _MAX_HEADER_BYTES = 64 * 1024
 
@@ -114,3 +115,18 @@ class SseConnection:
 def _field(line: bytes) -> bytes:
     """A ``data:`` line's value: after the colon and one optional space."""
     return line[6:] if line[5:6] == b" " else line[5:]
+
+
+async def open_many(url: str, count: int, concurrency: int, errors: Counter[str]) -> list[SseConnection]:
+    """``count`` connections to ``url``, ``concurrency`` at a time; failures counted in ``errors``."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> SseConnection | None:
+        async with gate:
+            try:
+                return await SseConnection.open(url)
+            except OSError as exc:
+                errors[f"connect: {type(exc).__name__}: {exc}"[:200]] += 1
+                return None
+
+    return [link for link in await asyncio.gather(*(one() for _ in range(count))) if link]

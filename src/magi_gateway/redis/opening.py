@@ -4,7 +4,7 @@ Opening a session takes three scripts: ``admit.lua`` (the appid's limits, the de
 and the intake mark, in the deployment's slot), ``append.lua`` in ``create`` mode (the
 session's keys and its ``agent_judgement_accepted``, in the session's slot) and
 ``enqueue.lua`` (the requests, in the agents' streams). A Cluster runs them one after
-the other (``Store.create_session``): each on its own slot's node. One server takes them
+the other: each on its own slot's node. One server takes them
 pipelined, each guarded by the step before, so the three cost one round trip.
 """
 
@@ -13,16 +13,43 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio.client import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
-from magi_gateway.redis.client import redis_errors
+from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 
-__all__ = ["open_in_one_round_trip"]
+__all__ = ["open_session"]
 
 
-async def open_in_one_round_trip(
+async def open_session(
+    redis: RedisClient,
+    intake_ops: Intake,
+    append: AsyncScript,
+    admission: tuple[list[str], list[Any]],
+    keys: tuple[list[str], str],
+    argv: list[Any],
+    intake: PendingIntake | None,
+    limits: AppLimits,
+) -> tuple[list[Any], bool]:
+    """Admit the session (``admission``: ``Intake.admit_call``'s), create it (``keys``: the
+    session's and the deadlines key; ``argv``: ``append.lua``'s in ``create`` mode) and,
+    given ``intake``, queue its requests: the creating script's reply, and whether they
+    were queued. On one server in one round trip; on a Cluster one step after the other
+    (the deadline set is one key for all sessions, not in the session's hash slot)."""
+    session_keys, deadlines = keys
+    if intake is not None and not isinstance(redis, RedisCluster):
+        return await _in_one_round_trip(
+            redis, intake_ops, append, admission, [*session_keys, deadlines], argv, intake, limits
+        )
+    intake_ops.check_admitted(await intake_ops.run_admit(*admission), limits)
+    with redis_errors():
+        reply: list[Any] = await append(keys=session_keys, args=argv)
+    return reply, False
+
+
+async def _in_one_round_trip(
     redis: Redis,
     intake_ops: Intake,
     append: AsyncScript,

@@ -17,7 +17,6 @@ from importlib.resources import files
 from typing import Any
 
 import orjson
-from redis.asyncio.cluster import RedisCluster
 
 from magi_gateway._util import now_ms
 from magi_gateway.core import frames
@@ -33,7 +32,7 @@ from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
-from magi_gateway.redis.opening import open_in_one_round_trip
+from magi_gateway.redis.opening import open_session
 from magi_gateway.redis.signals import Signals
 from magi_gateway.redis.viewers import Viewers, viewer_entry
 
@@ -126,18 +125,13 @@ class Store:
         """Create the session's keys and write ``agent_judgement_accepted`` (seq 1), in one
         script call: a session never exists without its first message (a gateway killed
         between two steps used to leave one that a retried request was answered by, but
-        whose client never saw it accepted).
-
-        ``enqueue``: on one server (not a Cluster) the admission, the creation and the
-        enqueue of ``intake``'s requests go in one round trip (``redis.opening``). Returns
-        True when this queued them; False leaves that to ``intake.enqueue``.
-
-        The appid's limits are checked first (``TooManySessions``, ``RateLimited``), and
-        the deadline (and ``intake``, the requests to queue, see ``redis.intake``) are
-        written with that check, in the deployment's slot: a session that exists is always
-        swept at its deadline, and its requests are queued even if the caller fails
-        before ``intake.enqueue``. ``viewer``, the opening connection (on ``owner``), is
-        registered as the session's first viewer (see ``redis.viewers``).
+        whose client never saw it accepted). The appid's limits are checked first
+        (``TooManySessions``, ``RateLimited``), with the deadline and ``intake`` (the
+        requests to queue) written in that check: a session that exists is always swept
+        at its deadline, and its requests queued even if the caller fails before
+        ``intake.enqueue``. ``viewer``, the opening connection (on ``owner``), is the
+        session's first viewer (``redis.viewers``). ``enqueue``: queue the requests too,
+        on one server in the same round trip (``redis.opening``); True when this did.
         """
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
         admission = self.intake.admit_call(session_id, appid, deadline_ms, ttl_ms, intake, self.app_limits)
@@ -157,24 +151,10 @@ class Store:
         opener = [viewer_entry(owner, viewer) if viewer else "", viewer_lease_ms, len(fields)]
         args = [*self._append_args(session_id, "create", "agent_judgement_accepted", tail, ""), *opener]
         keys, argv = self.keys.session(session_id).all(), [*args, *fields, *agent_ids]
-        queued = False
-        if enqueue and intake is not None and not isinstance(self.redis, RedisCluster):
-            reply, queued = await open_in_one_round_trip(
-                self.redis,
-                self.intake,
-                self._append,
-                admission,
-                [*keys, self.keys.deadlines],
-                argv,
-                intake,
-                self.app_limits,
-            )
-        else:
-            # The deadline set is one key for all sessions, so not in the creating script
-            # (which stays on the session's hash slot). Over an appid limit: raises, nothing written.
-            self.intake.check_admitted(await self.intake.run_admit(*admission), self.app_limits)
-            with redis_errors():
-                reply = await self._append(keys=keys, args=argv)
+        reply, queued = await open_session(
+            self.redis, self.intake, self._append, admission, (keys, self.keys.deadlines), argv,
+            intake if enqueue else None, self.app_limits,
+        )  # fmt: skip
         if reply[0] < 0:  # session ids are random: an existing one is a defect, not a retry
             raise BackendCommandError(f"session {session_id} not created ({reply[0]})")
         return queued
