@@ -12,7 +12,13 @@ from magi_gateway.core.delivery import Action, SessionDelivery
 from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER, ProtocolError
 from magi_gateway.core.frames import session_head, stream_tail
 from magi_gateway.core.ids import AgentId, ConnectionId, SessionId
-from magi_gateway.core.notification import decode_notification, notify_prefix, probe_notification
+from magi_gateway.core.notification import (
+    Message,
+    chunk_run,
+    decode_notification,
+    notify_prefix,
+    probe_notification,
+)
 from magi_gateway.core.outbox import Outbox
 from magi_gateway.core.session import plan_judgement
 
@@ -196,6 +202,46 @@ def test_malformed_notifications_are_refused(data: bytes) -> None:
 
 
 # -- judgement plan ------------------------------------------------------------------------------
+
+
+def test_a_run_of_the_next_seqs_is_sent_at_once_and_any_other_is_decided_one_by_one() -> None:
+    state = SessionDelivery(SID, CID, last_seq=3)
+    assert state.on_run(5, 9) is False  # a gap: one by one (the first asks for a replay)
+    assert state.last_seq == 3
+    assert state.on_run(4, 9) is True
+    assert state.last_seq == 9
+    assert state.on_run(4, 9) is False  # sent already
+    assert state.start_replay() is True
+    assert state.on_run(10, 12) is False  # a replay owns delivery
+    assert state.last_seq == 9
+
+
+def test_an_outbox_takes_a_run_whole_or_not_at_all() -> None:
+    outbox = Outbox(max_messages=4, max_bytes=100)
+    assert outbox.push(b"a" * 10)
+    assert outbox.push_run([b"b" * 10, b"c" * 10], 20) is True
+    assert len(outbox) == 3
+    assert outbox.queued_bytes == 30
+    assert outbox.push_run([b"d", b"e"], 2) is False  # one frame too many: nothing queued
+    assert outbox.push_run([b"f" * 71], 71) is False  # one byte too many
+    assert (len(outbox), outbox.queued_bytes, outbox.closing) == (3, 30, False)
+    assert outbox.take() == [b"a" * 10, b"b" * 10, b"c" * 10]
+    outbox.request_close(CLOSE_TRY_AGAIN_LATER, "bye")
+    assert outbox.push_run([b"g"], 1) is False
+
+
+def test_a_notification_of_consecutive_chunks_is_a_run() -> None:
+    def message(seq: int, kind: bytes = b"agent_judgement_stream") -> Message:
+        return Message(seq, kind, b"frame-%d" % seq)
+
+    assert chunk_run([message(4), message(5), message(6)]) == (
+        (4, 6),
+        [b"frame-4", b"frame-5", b"frame-6"],
+        21,
+    )
+    assert chunk_run([message(4)]) is None  # one: nothing to gain
+    assert chunk_run([message(4), message(6)]) is None  # not consecutive
+    assert chunk_run([message(4), message(5, b"agent_judgement_final")]) is None  # not only chunks
 
 
 def test_plan_queues_served_agents_and_answers_the_others_in_request_order() -> None:

@@ -81,6 +81,15 @@ class SessionDelivery:
             return Action.DROP
         return Action.REPLAY
 
+    def on_run(self, first_seq: int, last_seq: int) -> bool:
+        """A live notification of the consecutive seqs ``first_seq`` to ``last_seq``: True
+        when each is the next to send (they count as sent: the driver hands them over now),
+        False when they must be decided one by one (``on_notification``)."""
+        if self._replaying or first_seq != self.cursor.last_seq + 1:
+            return False
+        self.cursor.sent(last_seq)
+        return True
+
     def start_replay(self) -> bool:
         """Whether a replay must start now; False when one runs (it reads once more)."""
         if self._replaying:

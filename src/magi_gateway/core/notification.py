@@ -13,13 +13,23 @@ shape with an empty session id and the probe's token as its frame.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from magi_gateway.core.errors import ProtocolError
 from magi_gateway.core.ids import SessionId
 
-__all__ = ["Message", "Notification", "decode_notification", "notify_prefix", "probe_notification"]
+__all__ = [
+    "Message",
+    "Notification",
+    "chunk_run",
+    "decode_notification",
+    "notify_prefix",
+    "probe_notification",
+]
+
+_STREAM = b"agent_judgement_stream"
 
 
 class Message(NamedTuple):
@@ -74,3 +84,21 @@ def decode_notification(data: bytes) -> Notification:
             raise _malformed()
         messages.append(Message(int(seq), kind, frame))
     return Notification(SessionId(session_id), tuple(messages))
+
+
+def chunk_run(batch: Sequence[Message]) -> tuple[tuple[int, int], list[bytes], int] | None:
+    """For a notification of two or more chunks with consecutive seqs: their first and last
+    seq, their frames and their size; None for any other (one at a time, then)."""
+    if len(batch) < 2:
+        return None
+    first, last = batch[0].seq, batch[-1].seq
+    if last - first != len(batch) - 1:
+        return None
+    frames = []
+    size = 0
+    for message in batch:
+        if message.type != _STREAM:
+            return None
+        frames.append(message.frame)
+        size += len(message.frame)
+    return (first, last), frames, size

@@ -13,6 +13,7 @@ for room.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from magi_gateway.core.errors import CLOSE_TRY_AGAIN_LATER
 
@@ -66,6 +67,18 @@ class Outbox:
             return False
         self._frames.append(frame)
         self._bytes += len(frame)
+        return True
+
+    def push_run(self, frames: Sequence[bytes], size: int) -> bool:
+        """Queue all of ``frames`` (``size`` bytes in all) if they fit within both bounds;
+        False, with nothing queued, if not (then ``push`` them one by one: the overflow
+        policy is the same frame by frame)."""
+        if self._close is not None:
+            return False
+        if len(self._frames) + len(frames) > self.max_messages or self._bytes + size > self.max_bytes:
+            return False
+        self._frames.extend(frames)
+        self._bytes += size
         return True
 
     def request_close(self, code: int, reason: str, *, flush: bool = False) -> bool:

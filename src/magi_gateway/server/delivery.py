@@ -29,7 +29,7 @@ from magi_gateway.core import frames
 from magi_gateway.core.delivery import Action, SessionDelivery
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.ids import ConnectionId, InstanceId, SessionId
-from magi_gateway.core.notification import Message
+from magi_gateway.core.notification import Message, chunk_run
 from magi_gateway.redis.store import Store
 from magi_gateway.server import metrics
 from magi_gateway.server.outbox import Connection
@@ -61,7 +61,7 @@ class Translation(Protocol):
 class LocalSession:
     """A session delivered to one of this instance's connections (one viewer of it)."""
 
-    __slots__ = ("connection", "extra", "registered", "send", "state")
+    __slots__ = ("connection", "extra", "plain", "registered", "send", "state")
 
     def __init__(
         self,
@@ -79,6 +79,8 @@ class LocalSession:
         #: stored), or the session's ``translation``.
         self.send: Callable[[bytes, bytes], bool] = connection.push if translation is None else translation
         self.extra = (0, 0) if translation is None else (translation.extra_frames, translation.extra_bytes)
+        #: Whether stored frames go out as they are (a run of chunks may go in one push).
+        self.plain = translation is None
 
     @property
     def id(self) -> SessionId:
@@ -221,8 +223,14 @@ class Delivery:
         if not viewers:
             return
         batch = messages if isinstance(messages, (tuple, list)) else tuple(messages)
+        run = chunk_run(batch)
         for session in list(viewers.values()):
-            self._deliver_to(viewers, session, batch)
+            state = session.state
+            if run is not None and session.plain and state.chunk_seen and state.on_run(*run[0]):
+                # The common case: the next chunks, all of them, to a viewer past its first.
+                session.connection.push_run(run[1], run[2], _STREAM)
+            else:
+                self._deliver_to(viewers, session, batch)
 
     def _deliver_to(
         self, viewers: dict[ConnectionId, LocalSession], session: LocalSession, messages: Sequence[Message]

@@ -87,6 +87,17 @@ _MAX_TYPES = 32
 _PENDING_OUT: dict[bytes, list[int]] = {}
 
 
+def count_out_run(kind: bytes, count: int, size: int) -> None:
+    """``count_out`` for ``count`` frames of one ``kind``, ``size`` bytes in all."""
+    pending = _PENDING_OUT.get(kind)
+    if pending is None:
+        if len(_PENDING_OUT) >= _MAX_TYPES:
+            kind = b"other"
+        pending = _PENDING_OUT.setdefault(kind, [0, 0])
+    pending[0] += count
+    pending[1] += size
+
+
 def count_out(frame: bytes, kind: bytes) -> None:
     """Count one message of type ``kind`` queued to a client (error frames count as ``error``).
 
