@@ -5,25 +5,31 @@ when they replay a completed session. Real uvicorn gateways, real workers, a rea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import uvicorn
 import websockets
 from redis.asyncio import Redis
 
+from magi_gateway import Context, Judgement, agent
+from magi_gateway.cli._serving import uvicorn_config
 from magi_gateway.core.ids import InstanceId, SessionId
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
+from magi_gateway.server.app import create_app
 from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
 from ._delivery_helpers import Gated, assert_nothing_more, eventually
 from ._sse import Event, auth, events
-from ._support import GatewayHandle, assert_clean_error, judgement_message, recv, send
+from ._support import APPID, GatewayHandle, assert_clean_error, judgement_message, make_token, recv, send
 
 StartGateway = Callable[[Settings], Awaitable[GatewayHandle]]
 StartWorker = Callable[..., Awaitable[Worker]]
@@ -270,3 +276,110 @@ async def test_a_stream_is_not_published_to(
         received.append(message["data"])
     assert received == [b"marker"]
     await pubsub.aclose()
+
+
+async def test_a_streams_lease_is_renewed_whatever_the_keepalive(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, store: Store
+) -> None:
+    # Leases of 0.6 s, keepalives every 30 s: the stream must renew on its own schedule.
+    short = settings.model_copy(
+        update={"viewer_lease_s": 0.6, "sse_keepalive_s": 30.0, "max_viewers_per_session": 2}
+    )
+    gated = Gated("gated", before=1, after=1)
+    await start_worker([gated.agent])
+    gateway = await start_gateway(short)
+    async with viewer(gateway) as opener, viewer(gateway) as refused, httpx.AsyncClient(timeout=20) as client:
+        session_id, head = await open_session(opener, gated)
+        async with client.stream("GET", events_url(gateway, session_id), headers=auth()) as response:
+            assert response.status_code == 200
+            stream = events(response)
+            assert [e.data for e in await data(stream, len(head))] == head
+            # For five leases (the opener's renewals prune expired entries every 0.2 s), the
+            # idle stream stays registered, and keeps its place.
+            until = asyncio.get_running_loop().time() + 5 * short.viewer_lease_s
+            while asyncio.get_running_loop().time() < until:
+                assert await stream_entries(store, session_id), "the stream's lease ran out"
+                await asyncio.sleep(0.05)
+            await send(refused, resume(session_id))
+            assert_clean_error(await recv(refused), "too_many_viewers")
+            gated.gate.set()
+            rest = await data(stream)
+        assert [e.data for e in rest] == await frames_until_complete(opener)
+
+
+CHUNK = "x" * 60_000
+
+
+def bulky_gated(gate: asyncio.Event) -> Any:
+    """An agent that thinks about 9 MB (more than every buffer on the way holds), then waits."""
+
+    @agent("bulky")
+    async def bulky(user_input: str, ctx: Context) -> Judgement:
+        for _ in range(150):
+            await ctx.think(CHUNK)
+        await asyncio.wait_for(gate.wait(), 30)
+        return Judgement("done", decision="approve")
+
+    return bulky
+
+
+async def test_a_slow_reader_dropped_leaves(
+    settings: Settings, start_gateway: StartGateway, start_worker: StartWorker, store: Store
+) -> None:
+    gate = asyncio.Event()
+    await start_worker([bulky_gated(gate)])
+    gateway = await start_gateway(settings.model_copy(update={"sse_write_timeout_s": 0.5}))
+    async with viewer(gateway) as opener:
+        await send(opener, judgement_message(["bulky"]))
+        session_id = (await recv(opener, 20))["session_id"]
+        # A client with a small receive window that never reads its stream.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", gateway.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+        request = f"GET /v1/sessions/{session_id}/events HTTP/1.1\r\nHost: t\r\nX-Magi-Appid: {APPID}\r\n"
+        writer.write(f"{request}X-Magi-Token: {make_token()}\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        assert await stream_entries(store, session_id)
+        # Dropped for not reading (the session still running): its place is given back.
+        await eventually(
+            lambda: _no_streams(store, session_id), timeout=20, what="the dropped stream to leave"
+        )
+        writer.close()
+        gate.set()
+
+
+async def test_streams_leave_when_the_server_shuts_down(
+    settings: Settings, start_worker: StartWorker, store: Store
+) -> None:
+    gated = Gated("gated", before=2, after=1)
+    await start_worker([gated.agent])
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn_config(app, settings, "127.0.0.1", 0, "warning"))
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        async with (
+            httpx.AsyncClient(timeout=20) as client,
+            client.stream(
+                "POST",
+                f"http://127.0.0.1:{port}/v1/judgements",
+                json={"agent_ids": ["gated"], "data": {"user_input": "Tea?"}},
+                headers={**SSE, **auth()},
+            ) as response,
+        ):
+            stream = events(response)
+            head = await data(stream, 1 + gated.before)
+            session_id = head[0].message["session_id"]
+            assert await stream_entries(store, session_id)
+            server.should_exit = True
+            assert await data(stream) == []  # ended, nothing more
+        await asyncio.wait_for(serving, 5)
+        assert not await stream_entries(store, session_id)  # left before the server stopped
+    finally:
+        server.should_exit = True
+        gated.gate.set()
+        await asyncio.gather(serving, return_exceptions=True)
