@@ -12,8 +12,10 @@ request then counts as one message of its (address, appid) against ``MAX_MESSAGE
 / ``MESSAGE_BURST``, as a WebSocket client's messages do (buckets kept for the most recent
 ``_MAX_CLIENTS`` pairs; overflow: evict the oldest). An event stream counts as one
 connection of its appid (``MAX_CONNECTIONS_PER_APP``) and takes one of the instance's
-``SSE_MAX_STREAMS`` slots (over it: 503 ``too_many_streams``). Errors are the WebSocket's
-error JSON with the status ``core.errors.http_status`` gives its code.
+``SSE_MAX_STREAMS`` slots (over it: 503 ``too_many_streams``); a stream of a running
+session is one of its viewers (``server.stream_viewer``: over ``MAX_VIEWERS_PER_SESSION``,
+429 ``too_many_viewers`` before any event). Errors are the WebSocket's error JSON with the
+status ``core.errors.http_status`` gives its code.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from starlette.routing import Route
 
 from magi_gateway._util import Backoff
 from magi_gateway.core import frames, protocol, sse
-from magi_gateway.core.errors import FrameTooLarge, GatewayError, RateLimited, SessionNotFound, http_status
+from magi_gateway.core.errors import (
+    BackendCommandError,
+    BackendUnavailable,
+    FrameTooLarge,
+    GatewayError,
+    RateLimited,
+    SessionNotFound,
+    http_status,
+)
 from magi_gateway.core.handshake import Admission, Admitted, Refusal
 from magi_gateway.core.ids import AppId, SessionId, is_session_id
 from magi_gateway.core.ratelimit import TokenBucket
@@ -40,6 +50,7 @@ from magi_gateway.server import metrics
 from magi_gateway.server.gateway import Gateway
 from magi_gateway.server.openapi import OPENAPI
 from magi_gateway.server.sse import HEADERS, EventStream, StreamSlots
+from magi_gateway.server.stream_viewer import StreamViewer
 
 __all__ = ["HttpApi"]
 
@@ -168,12 +179,22 @@ class HttpApi:
 
         return close
 
+    def _viewer(self, session_id: SessionId) -> StreamViewer:
+        return StreamViewer(
+            self.gateway.store.viewers,
+            self.gateway.instance_id,
+            session_id,
+            max_viewers=self.settings.max_viewers_per_session,
+            lease_s=self.settings.viewer_lease_s,
+            backoff=lambda: Backoff.for_settings(self.settings),
+        )
+
     def _stream(
-        self, session_id: SessionId, after_seq: int, admitted: Admitted, close: Callable[[], None]
+        self, viewer: StreamViewer, after_seq: int, admitted: Admitted, close: Callable[[], None]
     ) -> EventStream:
         return EventStream(
             self.follower,
-            session_id,
+            viewer,
             after_seq,
             keepalive_s=self.settings.sse_keepalive_s,
             write_timeout_s=self.settings.sse_write_timeout_s,
@@ -200,21 +221,39 @@ class HttpApi:
         if isinstance(close, Response):
             return close
         appid = admitted.appid
+        completed = False
 
         async def retried(existing: SessionId) -> None:
-            await self.gateway.sessions.find_session(appid, existing, wait=True)
+            nonlocal completed
+            completed = (await self.gateway.sessions.find_session(appid, existing, wait=True)).completed
 
         try:
             session_id = await self.gateway.sessions.start_judgement(appid, judgement, retried=retried)
+            metrics.MESSAGES_IN.labels("agent_judgement").inc()
+            if close is None:
+                body = {"session_id": session_id, "seq": 1, "events": f"/v1/sessions/{session_id}/events"}
+                return _json(orjson.dumps(body), 202)
+            viewer = self._viewer(session_id)
+            if not completed:
+                await self._join_opened(viewer)
         except BaseException:
             if close is not None:
                 close()
             raise
-        metrics.MESSAGES_IN.labels("agent_judgement").inc()
-        if close is not None:
-            return self._stream(session_id, 0, admitted, close)
-        body = {"session_id": session_id, "seq": 1, "events": f"/v1/sessions/{session_id}/events"}
-        return _json(orjson.dumps(body), 202)
+        return self._stream(viewer, 0, admitted, close)
+
+    @staticmethod
+    async def _join_opened(viewer: StreamViewer) -> None:
+        """Join a session just opened (or retried): its judgement is under way, so a Redis
+        that cannot be reached now only delays the stream's registration to its first
+        lease renewal (a retried session's stream can still be refused, 429)."""
+        try:
+            await viewer.join()
+        except (BackendUnavailable, BackendCommandError) as exc:
+            logger.warning(
+                "event stream of %s: registered later (%s)", viewer.session_id, exc.__cause__ or exc
+            )
+            viewer.count_later()
 
     async def _body(self, request: Request) -> bytes:
         """The request's body, refused past ``MAX_FRAME_BYTES`` (without reading the rest)."""
@@ -238,13 +277,20 @@ class HttpApi:
             return admitted
         session_id = _session_id(request)
         after_seq = sse.cursor(request.headers.get("last-event-id"), request.query_params.get("last_seq"))
-        await self.gateway.sessions.find_session(admitted.appid, session_id, wait=False)
+        info = await self.gateway.sessions.find_session(admitted.appid, session_id, wait=False)
         if request.method == "HEAD":  # the headers a stream would have; no stream
             return Response(headers={k.decode(): v.decode() for k, v in HEADERS})
         close = self._open_stream(admitted)
         if isinstance(close, Response):
             return close
-        return self._stream(session_id, after_seq, admitted, close)
+        viewer = self._viewer(session_id)
+        try:
+            if not info.completed:  # a completed session's stream only replays: not counted
+                await viewer.join()
+        except BaseException:
+            close()
+            raise
+        return self._stream(viewer, after_seq, admitted, close)
 
     async def snapshot(self, request: Request) -> Response:
         """``GET /v1/sessions/{id}``: where the session stands."""

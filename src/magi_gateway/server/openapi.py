@@ -25,7 +25,8 @@ _SSE = {
 }
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
+def _errors(*statuses: int, stream: bool = False) -> dict[str, Any]:
+    """The error responses of a route (``stream``: one answering an event stream)."""
     text = {
         400: "Invalid body or parameter (invalid_json, missing_field, invalid_field, too_many_agents...)",
         401: "Authentication failed (auth_failed)",
@@ -34,6 +35,16 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body over MAX_FRAME_BYTES (frame_too_large)",
         429: "Rate limited, quota or throttled (rate_limited, too_many_sessions, too_many_connections, "
         "auth_throttled)",
+        # A stream of a running session is one of its viewers (checked before any event).
+        **(
+            {
+                429: "Rate limited, quota, throttled or the session followed by MAX_VIEWERS_PER_SESSION "
+                "viewers already (rate_limited, too_many_sessions, too_many_connections, auth_throttled, "
+                "too_many_viewers)"
+            }
+            if stream
+            else {}
+        ),
         503: "Redis unavailable, instance restarting or at SSE_MAX_STREAMS "
         "(backend_unavailable, service_restart, too_many_streams)",
     }
@@ -76,7 +87,7 @@ OPENAPI: dict[str, Any] = {
                             "application/json": {"schema": {"$ref": "#/components/schemas/Accepted"}}
                         },
                     },
-                    **_errors(400, 401, 413, 429, 503),
+                    **_errors(400, 401, 413, 429, 503, stream=True),
                 },
             }
         },
@@ -84,7 +95,9 @@ OPENAPI: dict[str, Any] = {
             "get": {
                 "summary": "Follow a session",
                 "description": "The messages after `Last-Event-ID` (or `?last_seq`, default 0), then "
-                "live, until the session completes; from any gateway instance.",
+                "live, until the session completes; from any gateway instance. While the session "
+                "runs the stream is one of its viewers: over MAX_VIEWERS_PER_SESSION, 429 "
+                "too_many_viewers (a completed session's stream only replays and is never refused).",
                 "parameters": [
                     _SESSION_ID,
                     {"name": "Last-Event-ID", "in": "header", "schema": {"type": "integer", "minimum": 0}},
@@ -92,7 +105,7 @@ OPENAPI: dict[str, Any] = {
                 ],
                 "responses": {
                     "200": {"description": "The session's events", "content": _SSE},
-                    **_errors(400, 401, 404, 429, 503),
+                    **_errors(400, 401, 404, 429, 503, stream=True),
                 },
             }
         },

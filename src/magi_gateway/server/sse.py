@@ -14,6 +14,10 @@ server shuts down (``StreamControl.closing``) or stops accepting; when its JWT e
 (an ``error`` event ``token_expired`` first); or when the session is gone (an ``error``
 event ``session_not_found``). An idle stream gets ``: keepalive`` every
 ``SSE_KEEPALIVE_S``, and a Redis outage is ridden out with backoff and keepalives.
+
+A stream of a running session is one of its viewers (``server.stream_viewer``, joined
+before the response starts): it renews its lease in a task of its own while it runs, and
+leaves when it ends, whichever way.
 """
 
 from __future__ import annotations
@@ -31,10 +35,10 @@ from starlette.types import Message, Receive, Scope, Send
 from magi_gateway._util import Backoff
 from magi_gateway.core import frames, sse
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError, SessionNotFound
-from magi_gateway.core.ids import SessionId
 from magi_gateway.redis.follow import SessionFollower
 from magi_gateway.server import metrics
 from magi_gateway.server.http_protocol import STREAM_CONTROL, StreamControl
+from magi_gateway.server.stream_viewer import StreamViewer
 
 __all__ = ["HEADERS", "EventStream", "StreamSlots"]
 
@@ -84,12 +88,13 @@ class _End(enum.Enum):
 
 
 class EventStream(Response):
-    """A response streaming ``session_id`` after ``after_seq``; ``on_close`` runs at the end."""
+    """A response streaming ``session_id`` after ``after_seq`` as ``viewer``; at the end it
+    leaves and ``on_close`` runs."""
 
     def __init__(
         self,
         follower: SessionFollower,
-        session_id: SessionId,
+        viewer: StreamViewer,
         after_seq: int,
         *,
         keepalive_s: float,
@@ -103,7 +108,8 @@ class EventStream(Response):
         self.status_code = 200
         self.background = None
         self.follower = follower
-        self.session_id = session_id
+        self.viewer = viewer
+        self.session_id = viewer.session_id
         self.cursor = after_seq
         self.keepalive_s = keepalive_s
         self.write_timeout_s = write_timeout_s
@@ -134,7 +140,10 @@ class EventStream(Response):
                 with contextlib.suppress(TimeoutError):
                     await self._write(b"", more=False)
         finally:
-            self._on_close()
+            try:
+                await self.viewer.leave()
+            finally:
+                self._on_close()
 
     async def _run(self, receive: Receive, control: StreamControl | None) -> _End:
         """Follow the session until it ends, the client leaves or the server closes."""
@@ -142,12 +151,14 @@ class EventStream(Response):
         waits: set[asyncio.Task[object]] = {follow, asyncio.create_task(_left(receive))}
         if control is not None:
             waits.add(asyncio.create_task(control.closing.wait()))
+        # Not awaited: the lease is held until the stream ends (it returns only if uncounted).
+        lease = asyncio.create_task(self.viewer.hold())
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in waits:
+            for task in (*waits, lease):
                 task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+            await asyncio.gather(*waits, lease, return_exceptions=True)
         if follow.done() and not follow.cancelled():
             return follow.result()  # (or its exception: a bug, for uvicorn to log)
         return _End.CLOSING if control is not None and control.closing.is_set() else _End.LEFT

@@ -18,6 +18,8 @@
 --   notify_prefix  "SESSION_ID\n", the notification's first line (core/notification.py)
 -- The message is published once to each instance named in the viewers set (redis/viewers.py);
 -- with none there, to the owner (the opening instance), as gateways before viewers expect.
+-- An entry starting with a space (an event stream, which reads the log itself) names no
+-- instance: it is published to no one.
 -- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
 -- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending,
 -- -6 exists already (create), -7 not admitted (create with the deadlines key).

@@ -9,6 +9,8 @@
 --                  JSON has no raw newline), so the caller sends two arguments per run
 -- The batch is published once to each instance named in the viewers set (redis/viewers.py);
 -- with none there, to the owner (the opening instance), as gateways before viewers expect.
+-- An entry starting with a space (an event stream, which reads the log itself) names no
+-- instance: it is published to no one.
 -- Returns one code per chunk, runs in order: its seq, or < 0: -1 gone, -2 completed,
 -- -3 agent not pending (it has its final), -4 log full.
 local meta = KEYS[3]

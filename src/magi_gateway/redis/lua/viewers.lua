@@ -5,7 +5,9 @@
 --   mode         'join': refused when max_viewers others follow the session already;
 --                'renew': never refused (the viewer was admitted before; it may have been
 --                dropped while its instance could not reach Redis)
---   entry        "INSTANCE CONNECTION"; the score is its lease expiry (ms, Redis clock)
+--   entry        "INSTANCE CONNECTION"; the score is its lease expiry (ms, Redis clock);
+--                " INSTANCE CONNECTION" (a leading space) for a viewer that reads the log
+--                itself (an event stream): counted the same, never published to (append.lua)
 -- Viewers whose lease expired (their instance died or lost Redis) are removed first, so
 -- they stop counting and stop being notified. The set expires with the session.
 -- Returns 1 added, 0 there already (lease extended), -1 session gone, -2 full ('join').
