@@ -235,7 +235,7 @@ async def test_cancel_snapshot_and_agents(gateway: GatewayHandle, start_worker: 
 
 async def test_openapi_lists_every_route(gateway: GatewayHandle) -> None:
     async with httpx.AsyncClient(base_url=gateway.http, timeout=20) as client:
-        response = await client.get("/v1/openapi.json")
+        response = await client.get("/v1/openapi.json", headers=auth())
     assert response.status_code == 200
     document = response.json()
     assert document["openapi"].startswith("3.1")

@@ -60,6 +60,7 @@ async def test_bad_credentials_are_401_on_every_route(
         ("GET", f"/v1/sessions/{sid}"),
         ("GET", f"/v1/sessions/{sid}/events"),
         ("POST", f"/v1/sessions/{sid}/cancel"),
+        ("GET", "/v1/openapi.json"),
     ]:
         response = await client.request(method, path, headers=headers, json=body(DEMO))
         assert response.status_code == 401, (method, path)

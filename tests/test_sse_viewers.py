@@ -387,7 +387,7 @@ async def test_streams_leave_when_the_server_shuts_down(
 
 async def test_openapi_lists_too_many_viewers_for_the_stream_routes(gateway: GatewayHandle) -> None:
     async with httpx.AsyncClient(base_url=gateway.http, timeout=10) as client:
-        paths = (await client.get("/v1/openapi.json")).json()["paths"]
+        paths = (await client.get("/v1/openapi.json", headers=auth())).json()["paths"]
     for path, method in (("/v1/judgements", "post"), ("/v1/sessions/{session_id}/events", "get")):
         assert "too_many_viewers" in paths[path][method]["responses"]["429"]["description"]
     assert (

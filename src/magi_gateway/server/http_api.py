@@ -5,7 +5,7 @@ by ``core.protocol`` with the WebSocket's limits and error codes and opened by
 ``SessionOps.start_judgement`` (idempotency, quotas, intake); cancels are
 ``SessionOps.cancel_session``; streams read the session's log (``server.sse``).
 
-Every route but ``/v1/openapi.json`` (and the debug ``/v1/token``) authenticates with the
+Every route but the debug ``/v1/token`` authenticates with the
 WebSocket handshake's checks (``core.handshake.Admission``: the same per-address auth
 throttle, seed tokens and JWTs), credentials taken by ``core.sse.credentials``. Each
 request then counts as one message of its (address, appid) against ``MAX_MESSAGES_PER_S``
@@ -207,7 +207,10 @@ class HttpApi:
     # -- routes ----------------------------------------------------------------------
 
     async def openapi(self, request: Request) -> Response:
-        """``GET /v1/openapi.json``: this API, described (no credentials needed)."""
+        """``GET /v1/openapi.json``: this API, described (credentials as every ``/v1`` route)."""
+        admitted = self._admit(request, stream=False)
+        if isinstance(admitted, Response):
+            return admitted
         return _json(orjson.dumps(OPENAPI))
 
     async def post_judgement(self, request: Request) -> Response:

@@ -152,8 +152,10 @@ OPENAPI: dict[str, Any] = {
         "/v1/openapi.json": {
             "get": {
                 "summary": "This document",
-                "security": [],
-                "responses": {"200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}}},
+                "responses": {
+                    "200": {"description": "OpenAPI 3.1", "content": {"application/json": {}}},
+                    **_errors(401, 429),
+                },
             }
         },
     },
