@@ -1,5 +1,8 @@
 -- Append runs of thinking chunks to one session's log, atomically, in order: one script
--- call, one notification and one round of expiry refreshes for the whole batch.
+-- call and one notification for the whole batch. The session's expiries are refreshed at
+-- most once a second (the meta's refreshed_ms, Redis clock), not per call: the keys live
+-- ttl_ms after the last refresh, at most a second before the last chunk (ttl_ms spans the
+-- deadline and the retention; finals and the completion, append.lua, refresh every time).
 --
 -- KEYS: log seq meta pending results viewers
 -- ARGV: head channel_prefix notify_prefix agent_1 tails_1 agent_2 tails_2 ...
@@ -24,13 +27,13 @@ local function each_tail(tails, visit)
     pos = nl + 1
   end
 end
-local refused = redis.call('EXISTS', meta) == 0 and -1 or nil
-if not refused and redis.call('HEXISTS', meta, 'completed') == 1 then refused = -2 end
+local m = redis.call('HMGET', meta, 'appid', 'completed', 'max_msgs', 'ttl_ms', 'owner', 'refreshed_ms')
+local refused = (not m[1] and -1) or (m[2] and -2) or nil
 if refused then
   for i = 5, #ARGV, 2 do each_tail(ARGV[i], function() out[#out + 1] = refused end) end
   return out
 end
-local max = tonumber(redis.call('HGET', meta, 'max_msgs'))
+local max = tonumber(m[3])
 local seq = tonumber(redis.call('GET', KEYS[2]) or '0')
 local head = ARGV[1]
 local pending = {}
@@ -53,11 +56,15 @@ for i = 4, #ARGV, 2 do
   end)
 end
 if #notes > 0 then
-  redis.call('SET', KEYS[2], seq)
-  local ttl = redis.call('HGET', meta, 'ttl_ms')
-  for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+  redis.call('SET', KEYS[2], seq, 'KEEPTTL')  -- a plain SET would drop the key's expiry
+  local now = redis.call('TIME')
+  local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+  if not m[6] or ms - tonumber(m[6]) >= 1000 then
+    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], m[4]) end
+    redis.call('HSET', meta, 'refreshed_ms', ms)
+  end
   local viewers = redis.call('ZRANGE', KEYS[6], 0, -1)
-  if #viewers == 0 then viewers = {redis.call('HGET', meta, 'owner') or ''} end
+  if #viewers == 0 then viewers = {m[5] or ''} end
   local note, notified = nil, {['']=true}
   for _, viewer in ipairs(viewers) do
     local instance = string.match(viewer, '^%S+') or ''
