@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.session import new_session_id
-from magi_gateway.redis.client import redis_errors
+from magi_gateway.redis.client import closed_transport, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.server.sweeper import sweep_deadlines
@@ -93,3 +93,26 @@ async def test_command_errors_and_outages_are_told_apart(redis_client: Redis, ke
             await dead.ping()
     finally:
         await dead.aclose()
+
+
+def test_a_write_on_a_closed_uvloop_transport_is_an_outage() -> None:
+    # redis-py reconnecting during a Sentinel failover wrote its first command on a socket
+    # the server had just closed: uvloop raises a RuntimeError there, not an OSError, and
+    # it once ended the viewers' lease renewal. It is an outage like any lost connection.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.transport.abort()
+        await asyncio.sleep(0)
+        with pytest.raises(BackendUnavailable) as lost, redis_errors():
+            writer.writelines([b"PING\r\n"])
+        assert closed_transport(lost.value.__cause__)  # type: ignore[arg-type]
+        with pytest.raises(RuntimeError, match="unrelated"), redis_errors():
+            raise RuntimeError("unrelated")  # any other RuntimeError is a defect, not mapped
+        server.close()
+        await server.wait_closed()
+
+    uvloop.run(main())

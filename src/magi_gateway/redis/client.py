@@ -45,7 +45,15 @@ from magi_gateway.redis.sentinel import FailoverPool
 from magi_gateway.redis.urls import parse_cluster_url, parse_sentinel_url
 from magi_gateway.settings import Settings
 
-__all__ = ["RedisClient", "connect", "gateway_error", "listen", "open_pubsub", "redis_errors"]
+__all__ = [
+    "RedisClient",
+    "closed_transport",
+    "connect",
+    "gateway_error",
+    "listen",
+    "open_pubsub",
+    "redis_errors",
+]
 
 #: A client of one server (or a Sentinel-managed master), or of a Redis Cluster.
 RedisClient = Redis | RedisCluster
@@ -218,6 +226,13 @@ def gateway_error(exc: Exception) -> GatewayError:
     return error
 
 
+def closed_transport(exc: BaseException) -> bool:
+    """Whether ``exc`` is uvloop's ``RuntimeError`` for a write on a closed transport: a
+    connection lost while redis-py reconnected (seen in a Sentinel failover, from its
+    ``connect`` sending its first command on a socket the server had just closed)."""
+    return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
+
+
 @contextmanager
 def redis_errors() -> Iterator[None]:
     """Convert any Redis failure inside the block to ``BackendUnavailable`` (an outage) or
@@ -225,4 +240,8 @@ def redis_errors() -> Iterator[None]:
     try:
         yield
     except (RedisError, OSError) as exc:
+        raise gateway_error(exc) from exc
+    except RuntimeError as exc:
+        if not closed_transport(exc):
+            raise
         raise gateway_error(exc) from exc

@@ -47,6 +47,11 @@ async def renew_viewers(delivery: Delivery, lease_s: float, backoff: Callable[[]
             logger.error("viewer lease renewal failed: %s", exc.__cause__)
             delay = min(retry.next_delay(), delay)
             continue
+        except Exception:
+            # A defect in one round must not end every viewer's lease: logged, tried again.
+            logger.exception("viewer lease renewal failed")
+            delay = min(retry.next_delay(), delay)
+            continue
         retry.reset()
         for session, code in zip(viewers, codes, strict=True):
             if code == _READDED:
