@@ -252,41 +252,35 @@ def request_id_of(frame: str | bytes, limits: Limits) -> str | None:
 def parse_client_frame(frame: str | bytes, limits: Limits) -> ClientMessage:
     """Parse one client text frame; raise ``ProtocolError`` with a client-facing code."""
     size = len(frame) if isinstance(frame, bytes) else len(frame.encode())
-    if size > limits.max_frame_bytes:
-        raise FrameTooLarge(f"Frame exceeds {limits.max_frame_bytes} bytes")
-    try:
-        obj = orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        raise ProtocolError("Invalid JSON", code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("A message must be a JSON object", code="invalid_message")
-    request_id = _echoed_request_id(obj)
-    try:
-        return _parse_kind(obj.get("type"), obj, limits, request_id)
-    except ProtocolError as exc:
-        exc.request_id = request_id  # so the client knows which of its messages failed
-        raise
+    return _parse(frame, size, limits, None, "Frame", "A message must be a JSON object")
 
 
 def parse_judgement_body(body: bytes, limits: Limits) -> JudgementRequest:
     """Parse the body of ``POST /v1/judgements``: an ``agent_judgement`` frame without its
     ``type``, checked exactly as the WebSocket's (same limits, same error codes)."""
-    if len(body) > limits.max_frame_bytes:
-        raise FrameTooLarge(f"Body exceeds {limits.max_frame_bytes} bytes")
+    message = _parse(body, len(body), limits, "agent_judgement", "Body", "The body must be a JSON object")
+    assert isinstance(message, JudgementRequest)
+    return message
+
+
+def _parse(
+    data: str | bytes, size: int, limits: Limits, kind: str | None, what: str, not_an_object: str
+) -> ClientMessage:
+    """One JSON object of ``size`` bytes as a message of ``kind`` (None: its ``type``)."""
+    if size > limits.max_frame_bytes:
+        raise FrameTooLarge(f"{what} exceeds {limits.max_frame_bytes} bytes")
     try:
-        obj = orjson.loads(body)
+        obj = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise ProtocolError("Invalid JSON", code="invalid_json") from None
     if not isinstance(obj, dict):
-        raise ProtocolError("The body must be a JSON object", code="invalid_message")
+        raise ProtocolError(not_an_object, code="invalid_message")
     request_id = _echoed_request_id(obj)
     try:
-        message = _parse_kind("agent_judgement", obj, limits, request_id)
+        return _parse_kind(obj.get("type") if kind is None else kind, obj, limits, request_id)
     except ProtocolError as exc:
-        exc.request_id = request_id
+        exc.request_id = request_id  # so the client knows which of its messages failed
         raise
-    assert isinstance(message, JudgementRequest)
-    return message
 
 
 def _parse_kind(kind: Any, obj: dict[str, Any], limits: Limits, request_id: str | None) -> ClientMessage:
