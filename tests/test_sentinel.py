@@ -173,13 +173,16 @@ async def group_client(group: SentinelGroup) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def procs() -> AsyncIterator[list[Proc]]:
-    """Gateway and worker processes, stopped at teardown (before the group)."""
+async def procs(tmp_path: Path) -> AsyncIterator[list[Proc]]:
+    """Gateway and worker processes, stopped at teardown (before the group); what each
+    printed is kept in the test's tmp_path (``proc-PID.log``) to read after a failure."""
     started: list[Proc] = []
     try:
         yield started
     finally:
         await stop_all(started)
+        for proc in started:
+            (tmp_path / f"proc-{proc.pid}.log").write_text(proc.output)
 
 
 class Reader(Collector):

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     worker_heartbeat_interval_s: float = Field(2.0, gt=0)
     #: A worker not heard from for this long is considered gone.
     worker_ttl_s: float = Field(10.0, gt=0)
+    #: How long the gateway reuses an answer to "which of these agents have live workers"
+    #: for the next judgement of the same agents (``core.live_agents``; 0: ask every time).
+    liveness_cache_s: float = Field(1.0, ge=0)
     worker_concurrency: int = Field(16, ge=1)
     #: A request left unacknowledged this long by a worker that stopped heartbeating it
     #: is taken over by another worker.

@@ -28,7 +28,7 @@ from magi_gateway.redis.client import RedisClient, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import ACTIVE_APP_MS, REQUEST_STREAM_TTL_MS
 
-__all__ = ["REPAIR_AFTER_MS", "AppLimits", "Intake", "PendingIntake"]
+__all__ = ["REPAIR_AFTER_MS", "AppLimits", "Intake", "PendingIntake", "RequestClaimed"]
 
 _ENQUEUE_LUA = files("magi_gateway.redis").joinpath("lua/enqueue.lua").read_text(encoding="utf-8")
 _ADMIT_LUA = files("magi_gateway.redis").joinpath("lua/admit.lua").read_text(encoding="utf-8")
@@ -39,6 +39,15 @@ _TOO_MANY, _TOO_FAST = -1, -2
 REPAIR_AFTER_MS = 2000
 #: A mark whose session is still missing is looked at again this much later.
 _RETRY_MS = 1000
+
+
+class RequestClaimed(Exception):
+    """The admission found the request's ``request_id`` naming another session: nothing
+    was written (the client's retry is answered by that session)."""
+
+    def __init__(self, session_id: SessionId) -> None:
+        super().__init__(session_id)
+        self.session_id = session_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +116,12 @@ class Intake:
         ttl_ms: int,
         intake: PendingIntake | None,
         limits: AppLimits,
+        claim: tuple[str, int] | None = None,
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the admit script (``admit``; ``Store.create_session`` pipelines it
-        on one server)."""
+        on one server). ``claim``: a ``request_id`` and how long it names the session, bound
+        in the same step (one server only: its key is in another slot; ``RequestClaimed``
+        when it names another session already)."""
         now = now_ms()
         keys = [
             self.keys.deadlines,
@@ -128,6 +140,10 @@ class Intake:
             intake.encode() if intake is not None else b"",
             now + REPAIR_AFTER_MS,
         ]
+        if claim is not None:
+            request_id, claim_ttl_ms = claim
+            keys.append(self.keys.idempotency(appid, request_id))
+            args.append(claim_ttl_ms)
         return keys, args
 
     @property
@@ -137,8 +153,12 @@ class Intake:
         return sha
 
     @staticmethod
-    def check_admitted(code: int, limits: AppLimits) -> None:
-        """Raise ``TooManySessions`` or ``RateLimited`` for the admit script's refusals."""
+    def check_admitted(reply: Any, limits: AppLimits) -> None:
+        """Raise ``TooManySessions``, ``RateLimited`` or ``RequestClaimed`` for the admit
+        script's refusals."""
+        if isinstance(reply, bytes):
+            raise RequestClaimed(SessionId(reply.decode()))
+        code = int(reply)
         if code == _TOO_MANY:
             raise TooManySessions(f"This appid has {limits.max_running} sessions running; try again later")
         if code == _TOO_FAST:
@@ -162,10 +182,10 @@ class Intake:
         keys, args = self.admit_call(session_id, appid, deadline_ms, ttl_ms, intake, limits)
         self.check_admitted(await self.run_admit(keys, args), limits)
 
-    async def run_admit(self, keys: list[str], args: list[Any]) -> int:
-        """Run the admit script with ``admit_call``'s KEYS and ARGV: its reply code."""
+    async def run_admit(self, keys: list[str], args: list[Any]) -> Any:
+        """Run the admit script with ``admit_call``'s KEYS and ARGV: its reply (``check_admitted``)."""
         with redis_errors():
-            return int(await self._admit(keys=keys, args=args))
+            return await self._admit(keys=keys, args=args)
 
     def enqueue_call(self, intake: PendingIntake, *, marked: bool = True) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the enqueue script for ``intake`` (``enqueue``; ``Store.create_session``

@@ -1,5 +1,9 @@
 """A session's opening in one round trip, on one Redis server (not a Cluster).
 
+Before it, unless the gateway knows the agents live (``core.live_agents``), one round trip
+counts their workers (``claim_and_count``); on a Cluster it claims the request_id too.
+On one server the admission claims it (``admit.lua``), in the opening's round trip.
+
 Opening a session takes three scripts: ``admit.lua`` (the appid's limits, the deadline
 and the intake mark, in the deployment's slot), ``append.lua`` in ``create`` mode (the
 session's keys and its ``agent_judgement_accepted``, in the session's slot) and
@@ -10,6 +14,7 @@ pipelined, each guarded by the step before, so the three cost one round trip.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio.client import Redis
@@ -17,10 +22,44 @@ from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
+from magi_gateway.redis.liveness import Liveness
 
-__all__ = ["open_session"]
+__all__ = ["claim_and_count", "claims_in_admission", "open_session"]
+
+
+def claims_in_admission(redis: RedisClient) -> bool:
+    """Whether a request_id is claimed in the admission (``admit.lua``'s ``request`` key):
+    on one server; a Cluster keeps its key in another slot and claims it beforehand."""
+    return not isinstance(redis, RedisCluster)
+
+
+async def claim_and_count(
+    redis: RedisClient,
+    request_ids: RequestIds,
+    liveness: Liveness,
+    appid: AppId,
+    request_id: str | None,
+    sid: SessionId,
+    ttl_ms: int,
+    agents: Sequence[AgentId],
+) -> tuple[SessionId | None, dict[AgentId, int], dict[str, AgentId]]:
+    """The round trip before the opening, pipelined: ``request_ids.claim`` (given a
+    ``request_id``: the session it names already, if any), the live worker counts of
+    ``agents`` and the aliases workers declare among them."""
+    with redis_errors():
+        async with redis.pipeline(transaction=False) as pipe:
+            if request_id is not None:
+                request_ids.queue_claim(pipe, appid, request_id, sid, ttl_ms)
+            liveness.queue_aliases(pipe, agents)
+            liveness.queue_counts(pipe, agents)
+            replies = await pipe.execute()
+    existing = request_ids.claimed(replies) if request_id is not None else None
+    declared = liveness.aliases(agents, replies[-len(agents) - 1])
+    return existing, liveness.counts(agents, replies), declared
 
 
 async def open_session(
@@ -89,7 +128,7 @@ async def _in_one_round_trip(
         for outcome in (admitted, reply):
             if isinstance(outcome, Exception) and not isinstance(outcome, NoScriptError):
                 raise outcome
-        intake_ops.check_admitted(int(admitted), limits)
+        intake_ops.check_admitted(admitted, limits)
         if isinstance(reply, NoScriptError):
             reply = await append(keys=guarded_keys, args=argv)
     return reply, queued == 1

@@ -32,7 +32,7 @@ from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import REQUEST_STREAM_TTL_MS, AgentStats, Liveness
-from magi_gateway.redis.opening import open_session
+from magi_gateway.redis.opening import claim_and_count, claims_in_admission, open_session
 from magi_gateway.redis.signals import Signals
 from magi_gateway.redis.viewers import Viewers, viewer_entry
 
@@ -121,6 +121,7 @@ class Store:
         viewer_lease_ms: int = 30_000,
         dialect: bytes = b"",
         enqueue: bool = False,
+        claim: tuple[str, int] | None = None,
     ) -> bool:
         """Create the session's keys and write ``agent_judgement_accepted`` (seq 1), in one
         script call: a session never exists without its first message (a gateway killed
@@ -132,9 +133,12 @@ class Store:
         ``intake.enqueue``. ``viewer``, the opening connection (on ``owner``), is the
         session's first viewer (``redis.viewers``). ``enqueue``: queue the requests too,
         on one server in the same round trip (``redis.opening``); True when this did.
+        ``claim``: bind ``request_id`` (for that many ms) in the admission, unless it names
+        another session (``RequestClaimed``, nothing written); where ``claims_with_opening``.
         """
         ttl_ms = max(deadline_ms - now_ms(), 0) + self.retention_ms
-        admission = self.intake.admit_call(session_id, appid, deadline_ms, ttl_ms, intake, self.app_limits)
+        limits = self.app_limits
+        admission = self.intake.admit_call(session_id, appid, deadline_ms, ttl_ms, intake, limits, claim)
         meta: dict[str, str | int | bytes] = {
             "appid": appid,
             "owner": owner,
@@ -159,21 +163,18 @@ class Store:
             raise BackendCommandError(f"session {session_id} not created ({reply[0]})")
         return queued
 
+    @property
+    def claims_with_opening(self) -> bool:
+        """Whether ``create_session`` can ``claim`` a request_id: on one server (``redis.opening``)."""
+        return claims_in_admission(self.redis)
+
     async def claim_and_count(
         self, appid: AppId, request_id: str | None, sid: SessionId, ttl_ms: int, agents: Sequence[AgentId]
     ) -> tuple[SessionId | None, dict[AgentId, int], dict[str, AgentId]]:
-        """A judgement's first round trip, pipelined: ``request_ids.claim`` (with a ``request_id``),
-        ``liveness.live_worker_counts`` and the aliases workers declare among ``agents``."""
-        with redis_errors():
-            async with self.redis.pipeline(transaction=False) as pipe:
-                if request_id is not None:
-                    self.request_ids.queue_claim(pipe, appid, request_id, sid, ttl_ms)
-                self.liveness.queue_aliases(pipe, agents)
-                self.liveness.queue_counts(pipe, agents)
-                replies = await pipe.execute()
-        existing = self.request_ids.claimed(replies) if request_id is not None else None
-        declared = self.liveness.aliases(agents, replies[-len(agents) - 1])
-        return existing, self.liveness.counts(agents, replies), declared
+        """A judgement's first round trip (``redis.opening.claim_and_count``)."""
+        return await claim_and_count(
+            self.redis, self.request_ids, self.liveness, appid, request_id, sid, ttl_ms, agents
+        )
 
     async def session_info(self, session_id: SessionId) -> SessionInfo | None:
         """The session's metadata, or None when unknown or expired."""

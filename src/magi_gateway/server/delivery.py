@@ -206,8 +206,7 @@ class Delivery:
         queued = session.send(frame, kind)
         if queued and state.started is not None:
             if kind == _STREAM and not state.chunk_seen:
-                state.chunk_seen = True
-                metrics.TIME_TO_FIRST_CHUNK.observe(time.monotonic() - state.started)
+                self._first_chunk(state)
             elif kind == _FINAL:
                 metrics.TIME_TO_FINAL.observe(time.monotonic() - state.started)
         if kind == _COMPLETE:
@@ -215,6 +214,12 @@ class Delivery:
                 metrics.SESSIONS_COMPLETED.inc()  # once, where it started (not on replays)
             # Nothing follows the complete: the viewer's entry expires with the session.
             self.untrack(session)
+
+    @staticmethod
+    def _first_chunk(state: SessionDelivery) -> None:  # timed where the session started
+        state.chunk_seen = True
+        if state.started is not None:
+            metrics.TIME_TO_FIRST_CHUNK.observe(time.monotonic() - state.started)
 
     def deliver(self, session_id: SessionId, messages: Iterable[Message]) -> None:
         """A live notification: for each viewer here, send each message now, drop it, or
@@ -226,9 +231,10 @@ class Delivery:
         run = chunk_run(batch)
         for session in list(viewers.values()):
             state = session.state
-            if run is not None and session.plain and state.chunk_seen and state.on_run(*run[0]):
-                # The common case: the next chunks, all of them, to a viewer past its first.
-                session.connection.push_run(run[1], run[2], _STREAM)
+            if run is not None and session.plain and state.on_run(*run[0]):
+                # The common case: the next chunks, all of them, in one push.
+                if session.connection.push_run(run[1], run[2], _STREAM) and not state.chunk_seen:
+                    self._first_chunk(state)
             else:
                 self._deliver_to(viewers, session, batch)
 

@@ -30,9 +30,10 @@ from magi_gateway.core.errors import (
     TooManyViewers,
 )
 from magi_gateway.core.ids import AgentId, AppId, ConnectionId, InstanceId, SessionId
+from magi_gateway.core.live_agents import LiveAgents, Liveness
 from magi_gateway.core.session import ResultCode, new_session_id, plan_judgement
 from magi_gateway.logs import session_id_var
-from magi_gateway.redis.intake import PendingIntake
+from magi_gateway.redis.intake import PendingIntake, RequestClaimed
 from magi_gateway.redis.store import SessionInfo, Store
 from magi_gateway.server import metrics
 from magi_gateway.server.delivery import Delivery
@@ -73,6 +74,8 @@ class SessionOps:
         #: Agent aliases of ``AGENT_ALIASES`` (those workers declare override them; see
         #: ``core.dialect.resolve_agents``).
         self.aliases = settings.agent_alias_map
+        #: The agents' liveness, kept ``LIVENESS_CACHE_S`` for the next judgement of the same agents.
+        self.live_agents = LiveAgents(settings.liveness_cache_s)
 
     async def open_judgement(self, connection: Connection, request: protocol.JudgementRequest) -> None:
         """Start a session delivered to ``connection`` (a retried ``request_id``: its session
@@ -120,38 +123,99 @@ class SessionOps:
         session_id_var.set(session_id)
         timeout_ms = int(self.settings.judgement_timeout_s * 1000)
         retention_ms = timeout_ms + self.settings.session_retention_s * 1000
+        request_id = request.request_id
+        # On one server the request_id is claimed in the session's admission; a Cluster
+        # claims it first, with the liveness counts (another slot).
+        claim_apart = request_id is not None and not self.store.claims_with_opening
+        wanted = [*request.agent_ids, *alias_targets(request.agent_ids, self.aliases)]
+        liveness = None if claim_apart else self.live_agents.get(wanted, time.monotonic())
+        if liveness is None:
+            existing, liveness = await self._claim_and_count(
+                appid, request, request_id if claim_apart else None, session_id, retention_ms, wanted
+            )
+            if existing is not None:
+                if await self._retried(appid, request, session_id, existing, retried):
+                    return existing
+                claim_apart = True  # the request_id names this session now
+        claim = None if request_id is None or claim_apart else (request_id, retention_ms)
+        try:
+            await self._open(session_id, appid, request, liveness, timeout_ms, claim, watch)
+        except RequestClaimed as exc:
+            if await self._retried(appid, request, session_id, exc.session_id, retried):
+                return exc.session_id
+            await self._open(session_id, appid, request, liveness, timeout_ms, None, watch)
+        return session_id
+
+    async def _claim_and_count(
+        self,
+        appid: AppId,
+        request: protocol.JudgementRequest,
+        request_id: str | None,
+        session_id: SessionId,
+        ttl_ms: int,
+        wanted: list[AgentId],
+    ) -> tuple[SessionId | None, Liveness]:
+        """The first round trip: the agents' liveness (kept a moment, ``core.live_agents``)
+        and, given ``request_id``, its claim (the session it names already, if any)."""
         requested = request.agent_ids
         try:
             existing, live, declared = await self.store.claim_and_count(
-                appid,
-                request.request_id,
-                session_id,
-                retention_ms,
-                [*requested, *alias_targets(requested, self.aliases)],
+                appid, request_id, session_id, ttl_ms, wanted
             )
             aliases = {**self.aliases, **declared} if declared else self.aliases
             if uncounted := [a for a in alias_targets(requested, aliases) if a not in live]:
                 # Aliases a worker declares for its agent (agents.toml): their agents' workers too.
                 live = {**live, **await self.store.liveness.live_worker_counts(uncounted)}
         except BackendUnavailable:
-            await self._release(appid, request.request_id, session_id)  # it may have been bound
+            if request_id is not None:
+                await self._release(appid, request_id, session_id)  # it may have been bound
             raise
-        if existing is not None and request.request_id is not None:
-            # A retried request: the same session again, replayed from the start
-            # (unless it has expired meanwhile: then the request starts afresh).
-            try:
-                await retried(existing)
-                return existing
-            except SessionNotFound:
+        liveness = Liveness(live, declared)
+        answering = resolve_agents(requested, aliases, live)
+        self.live_agents.put(wanted, liveness, answering, time.monotonic())
+        return existing, liveness
+
+    async def _retried(
+        self,
+        appid: AppId,
+        request: protocol.JudgementRequest,
+        session_id: SessionId,
+        existing: SessionId,
+        retried: Callable[[SessionId], Awaitable[None]],
+    ) -> bool:
+        """A retried request: its session again, replayed from the start (True), unless it
+        has expired meanwhile (False: the request_id now names ``session_id``, to start)."""
+        try:
+            await retried(existing)
+            return True
+        except SessionNotFound:
+            if request.request_id is not None:  # (always: only a request_id names a session)
                 await self.store.request_ids.rebind(appid, request.request_id, session_id, existing)
+            return False
+
+    async def _open(
+        self,
+        session_id: SessionId,
+        appid: AppId,
+        request: protocol.JudgementRequest,
+        liveness: Liveness,
+        timeout_ms: int,
+        claim: tuple[str, int] | None,
+        watch: Callable[[SessionId, tuple[AgentId, ...]], Watch] | None,
+    ) -> None:
+        """Write the session (``claim``: bind its request_id in the admission; may raise
+        ``RequestClaimed``, having written nothing), queue its requests, answer the
+        agents without a worker."""
+        requested = request.agent_ids
+        aliases = {**self.aliases, **liveness.declared} if liveness.declared else self.aliases
         deadline_ms = now_ms() + timeout_ms
-        agent_ids = resolve_agents(requested, aliases, live)
+        agent_ids = resolve_agents(requested, aliases, liveness.live)
         dialect = b""
         if request.original:  # stored with the session: whoever delivers it answers in it
             dialect = OriginalReplies.for_request(session_id, request.request_id, agent_ids, requested).meta()
         watching = watch(session_id, agent_ids) if watch is not None else None
         try:
-            plan = plan_judgement(agent_ids, live)
+            plan = plan_judgement(agent_ids, liveness.live)
             intake = PendingIntake(
                 session_id, appid, plan.queue, request.user_input, deadline_ms, request.forwarded_fields()
             )
@@ -167,8 +231,9 @@ class SessionOps:
                 viewer_lease_ms=self.lease_ms,
                 dialect=dialect,
                 enqueue=True,
+                claim=claim,
             )
-        except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited):
+        except (BackendUnavailable, BackendCommandError, TooManySessions, RateLimited, RequestClaimed):
             if watching is not None:
                 watching.undo()
             await self._release(appid, request.request_id, session_id)
@@ -190,7 +255,6 @@ class SessionOps:
             # The session is accepted: the intake repair queues its requests (any
             # instance), the deadline sweep answers the rest.
             logger.warning("session %s left to the intake repair (%s)", session_id, exc.__cause__ or exc)
-        return session_id
 
     async def _release(self, appid: AppId, request_id: str | None, session_id: SessionId) -> None:
         """Unbind ``request_id`` from a session that was not created (if Redis answers)."""
