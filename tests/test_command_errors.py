@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.connection import Connection
 
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.session import new_session_id
-from magi_gateway.redis.client import closed_transport, redis_errors
+from magi_gateway.redis.client import closed_transport, dropped_writer, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.server.sweeper import sweep_deadlines
@@ -93,6 +94,22 @@ async def test_command_errors_and_outages_are_told_apart(redis_client: Redis, ke
             await dead.ping()
     finally:
         await dead.aclose()
+
+
+async def test_a_write_on_a_connection_another_task_disconnected_is_an_outage(redis_client: Redis) -> None:
+    # redis-py reconnecting during a Sentinel failover sent its first command on a
+    # connection another task had just disconnected: its writer is None there, and
+    # redis-py raises an AttributeError, not a ConnectionError. It once filled the viewers'
+    # lease renewal with tracebacks. It is an outage like any lost connection.
+    connection = Connection(**redis_client.connection_pool.connection_kwargs)
+    await connection.connect()
+    await connection.disconnect()
+    with pytest.raises(BackendUnavailable) as lost, redis_errors():
+        await connection._send_packed_command([b"*1\r\n$4\r\nPING\r\n"])
+    assert dropped_writer(lost.value.__cause__)  # type: ignore[arg-type]
+    missing: object = None
+    with pytest.raises(AttributeError), redis_errors():
+        missing.writelines([])  # type: ignore[attr-defined]  # outside redis-py: a defect, not mapped
 
 
 def test_a_write_on_a_closed_uvloop_transport_is_an_outage() -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import PurePath
 
 from redis._parsers.hiredis import NOT_ENOUGH_DATA
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -49,6 +50,7 @@ __all__ = [
     "RedisClient",
     "closed_transport",
     "connect",
+    "dropped_writer",
     "gateway_error",
     "listen",
     "open_pubsub",
@@ -233,6 +235,21 @@ def closed_transport(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "the handler is closed" in str(exc)
 
 
+def dropped_writer(exc: BaseException) -> bool:
+    """Whether ``exc`` is redis-py's own ``AttributeError`` for a write on a connection
+    another task disconnected meanwhile (its writer is ``None``): a connection lost while
+    it reconnected, seen in a Sentinel failover from ``connect`` sending its first
+    command. Only an error raised inside redis-py's asyncio connection module counts."""
+    if not isinstance(exc, AttributeError) or "'NoneType'" not in str(exc):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return PurePath(tb.tb_frame.f_code.co_filename).parts[-3:] == ("redis", "asyncio", "connection.py")
+
+
 @contextmanager
 def redis_errors() -> Iterator[None]:
     """Convert any Redis failure inside the block to ``BackendUnavailable`` (an outage) or
@@ -241,7 +258,7 @@ def redis_errors() -> Iterator[None]:
         yield
     except (RedisError, OSError) as exc:
         raise gateway_error(exc) from exc
-    except RuntimeError as exc:
-        if not closed_transport(exc):
+    except (RuntimeError, AttributeError) as exc:
+        if not (closed_transport(exc) or dropped_writer(exc)):
             raise
         raise gateway_error(exc) from exc
