@@ -27,6 +27,7 @@ from magi_gateway.core.notification import notify_prefix
 from magi_gateway.core.session import ResultCode, compute_verdict, normalize_decision
 from magi_gateway.redis.chunks import ChunkWriter
 from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.coalesce import CoalescedScript
 from magi_gateway.redis.deadlines import Deadlines
 from magi_gateway.redis.idempotency import RequestIds
 from magi_gateway.redis.intake import AppLimits, Intake, PendingIntake
@@ -96,6 +97,8 @@ class Store:
         #: Queueing a new session's requests exactly once.
         self.intake = Intake(redis, keys, request_stream_maxlen=request_stream_maxlen)
         self._append = redis.register_script(_APPEND_LUA)
+        #: Its calls from many tasks (finals, completions), sharing round trips.
+        self._append_calls = CoalescedScript(redis, self._append)
         #: The shared deadline set (the sweep) and each appid's running sessions.
         self.deadlines = Deadlines(redis, keys)
         #: Publications: cancels for workers, readiness probes, admin answers.
@@ -229,11 +232,9 @@ class Store:
         result: bytes = b"",
     ) -> list[Any]:
         keys = self.keys.session(session_id)
-        with redis_errors():
-            reply: list[Any] = await self._append(
-                keys=keys.all(),
-                args=self._append_args(session_id, mode, message_type, tail, agent_id, result),
-            )
+        reply: list[Any] = await self._append_calls(
+            keys.all(), self._append_args(session_id, mode, message_type, tail, agent_id, result)
+        )
         return reply
 
     def _append_args(

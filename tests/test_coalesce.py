@@ -1,0 +1,133 @@
+"""``redis.coalesce``: calls of one script from many tasks share pipelined round trips,
+each caller getting its own reply or its own error (real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from magi_gateway._util import now_ms
+from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
+from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
+from magi_gateway.core.session import ResultCode
+from magi_gateway.redis.coalesce import CoalescedScript
+from magi_gateway.redis.keys import Keys
+from magi_gateway.redis.store import Store
+from magi_gateway.settings import Settings
+
+#: Adds ARGV[1] to the counter KEYS[1] and returns the counter's key and new value; an
+#: INCRBY on a key holding a non-number fails that call.
+_ADD = "return {KEYS[1], redis.call('INCRBY', KEYS[1], ARGV[1])}"
+
+
+def _key(key_prefix: str, name: str) -> str:
+    return f"{key_prefix}:{name}"
+
+
+async def test_concurrent_calls_share_round_trips_and_each_gets_its_own_reply(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    calls = CoalescedScript(redis_client, redis_client.register_script(_ADD))
+    keys = [_key(key_prefix, f"n{i % 5}") for i in range(60)]
+    replies = await asyncio.gather(*(calls([key], [i]) for i, key in enumerate(keys)))
+    for i, (key, reply) in enumerate(zip(keys, replies, strict=True)):
+        assert reply[0] == key.encode()
+        assert reply[1] >= i  # the counter includes this call's own addition
+    # Every addition made it once: each counter is the sum of its calls' arguments.
+    for n in range(5):
+        assert int(await redis_client.get(_key(key_prefix, f"n{n}"))) == sum(range(n, 60, 5))
+    assert calls.calls == 60
+    assert 1 <= calls.round_trips < 60
+    assert calls._sender is None  # the sender ends with its queue
+
+
+async def test_a_call_redis_refuses_fails_alone(redis_client: Redis, key_prefix: str) -> None:
+    calls = CoalescedScript(redis_client, redis_client.register_script(_ADD))
+    spoiled = _key(key_prefix, "spoiled")
+    await redis_client.set(spoiled, "not a number")
+    keys = [_key(key_prefix, "good")] * 10
+    keys[4] = spoiled
+    replies = await asyncio.gather(*(calls([key], [1]) for key in keys), return_exceptions=True)
+    assert isinstance(replies[4], BackendCommandError)
+    assert all(isinstance(r, list) for i, r in enumerate(replies) if i != 4), replies
+    assert int(await redis_client.get(_key(key_prefix, "good"))) == 9
+
+
+async def test_a_script_the_server_lost_is_loaded_again(redis_client: Redis, key_prefix: str) -> None:
+    calls = CoalescedScript(redis_client, redis_client.register_script(_ADD))
+    await calls([_key(key_prefix, "c")], [1])
+    await redis_client.script_flush()  # as after a restart: the server knows no scripts
+    replies = await asyncio.gather(*(calls([_key(key_prefix, "c")], [1]) for _ in range(8)))
+    assert sorted(r[1] for r in replies) == list(range(2, 10))
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_replies(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    calls = CoalescedScript(redis_client, redis_client.register_script(_ADD))
+    key = _key(key_prefix, "c")
+    await calls([key], [0])  # the script is loaded
+    await redis_client.client_pause(500)  # the server answers nothing for 500 ms
+    first = [asyncio.create_task(calls([key], [1])) for _ in range(5)]
+    while len(calls._queue) < 5:
+        await asyncio.sleep(0)
+    while calls._queue:  # the sender took them: the round trip is in flight, unanswered
+        await asyncio.sleep(0)
+    second = [asyncio.create_task(calls([key], [100])) for _ in range(5)]
+    while len(calls._queue) < 5:  # queued behind it
+        await asyncio.sleep(0)
+    first[0].cancel()  # in flight: its call runs, its caller is gone
+    second[0].cancel()  # queued: its call is never sent
+    results = await asyncio.gather(*first, *second, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[5], asyncio.CancelledError)
+    assert all(isinstance(r, list) for i, r in enumerate(results) if i not in (0, 5)), results
+    assert int(await redis_client.get(key)) == 5 + 4 * 100
+
+
+async def test_an_unreachable_server_fails_every_call_as_unavailable(unused_tcp_port: int) -> None:
+    client = aioredis.Redis(port=unused_tcp_port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    try:
+        calls = CoalescedScript(client, client.register_script(_ADD))
+        results = await asyncio.gather(*(calls(["k"], [1]) for _ in range(6)), return_exceptions=True)
+        assert all(isinstance(r, BackendUnavailable) for r in results), results
+        assert calls._sender is None  # and the next call starts a round trip of its own
+        with pytest.raises(BackendUnavailable):
+            await calls(["k"], [1])
+    finally:
+        await client.aclose()
+
+
+async def test_finals_of_many_sessions_written_together_each_complete_its_session(
+    redis_client: Redis, settings: Settings
+) -> None:
+    store = Store(redis_client, Keys(settings.redis_key_prefix))
+    agent = AgentId("solo")
+    sessions = [SessionId(uuid.uuid4().hex) for _ in range(20)]
+    for session_id in sessions:
+        await store.create_session(
+            session_id, AppId("app"), InstanceId("nobody"), [agent], now_ms() + 60_000, None
+        )
+    results = await asyncio.gather(
+        *(store.append_final(s, agent, ResultCode.OK, {"decision": "approve"}) for s in sessions)
+    )
+    assert [(r.seq, r.completed) for r in results] == [(2, True)] * 20
+    assert store._append_calls.round_trips < store._append_calls.calls
+    for session_id in sessions:
+        entries = await redis_client.xrange(store.keys.session(session_id).log)
+        frames: list[dict[str, Any]] = [orjson.loads(fields[b"f"]) for _id, fields in entries]
+        assert [f["type"] for f in frames] == [
+            "agent_judgement_accepted",
+            "agent_judgement_final",
+            "agent_judgement_complete",
+        ]
+        assert [f["seq"] for f in frames] == [1, 2, 3]
+        assert frames[2]["data"]["verdict"] == "approve"
