@@ -34,6 +34,12 @@ class Deadlines:
             due: Any = await self.redis.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=limit)
         return [SessionId(d.decode()) for d in due]
 
+    async def stop_running(self, appid: AppId, session_id: SessionId) -> None:
+        """Stop counting a session among its appid's running sessions (it is about to
+        complete: a client that sees the completion may open the next one at once)."""
+        with redis_errors():
+            await self.redis.zrem(self.keys.app_running(appid), session_id)
+
     async def clear(self, session_id: SessionId) -> None:
         """Remove a session from the deadline sweep and from its appid's running sessions."""
         with redis_errors():

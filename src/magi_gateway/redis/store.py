@@ -317,7 +317,7 @@ class Store:
             return AppendResult(None)
         if reply[1] != 0:
             return AppendResult(reply[0])
-        completed = await self._complete(session_id, orjson.loads(reply[2]), reply[3], clear_deadline)
+        completed = await self._complete(session_id, reply[2:5], clear_deadline)
         return AppendResult(reply[0], completed=completed)
 
     async def complete_if_done(self, session_id: SessionId) -> bool:
@@ -334,26 +334,26 @@ class Store:
                 pipe.hexists(keys.meta, "completed")
                 pipe.scard(keys.pending)
                 pipe.hgetall(keys.results)
-                agents, completed, pending, results = await pipe.execute()
+                pipe.hget(keys.meta, "appid")
+                agents, completed, pending, results, appid = await pipe.execute()
         if agents is None or completed or pending:
             return False
         flat = [part for item in results.items() for part in item]
-        return await self._complete(session_id, orjson.loads(agents), flat)
+        return await self._complete(session_id, (agents, flat, appid))
 
-    async def _complete(
-        self, session_id: SessionId, agents: list[str], flat: list[bytes], clear_deadline: bool = True
-    ) -> bool:
-        """Write ``agent_judgement_complete`` (once: the script refuses a second)."""
+    async def _complete(self, session_id: SessionId, last: Sequence[Any], clear: bool = True) -> bool:
+        """Write ``agent_judgement_complete`` (once: the script refuses a second); ``last``:
+        the session's agents (JSON), results (flat) and appid. It stops counting as running
+        first (its client may open the next session at once), and stays in the deadline
+        sweep until after, so a failure in between still ends with a completion."""
+        agents, flat, appid = orjson.loads(last[0]), last[1], last[2]
         by_agent = {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
         results = {a: by_agent[a] for a in agents if a in by_agent}
-        verdict = compute_verdict(r.get("decision") for r in results.values())
-        done = await self._run_append(
-            session_id,
-            "complete",
-            "agent_judgement_complete",
-            frames.complete_tail(verdict, results),
-        )
-        if done[0] > 0 and clear_deadline:
+        tail = frames.complete_tail(compute_verdict(r.get("decision") for r in results.values()), results)
+        if appid:
+            await self.deadlines.stop_running(AppId(appid.decode()), session_id)
+        done = await self._run_append(session_id, "complete", "agent_judgement_complete", tail)
+        if done[0] > 0 and clear:
             await self.deadlines.clear(session_id)
         return bool(done[0] > 0)
 

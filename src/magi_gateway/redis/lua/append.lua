@@ -20,7 +20,7 @@
 -- with none there, to the owner (the opening instance), as gateways before viewers expect.
 -- An entry starting with a space (an event stream, which reads the log itself) names no
 -- instance: it is published to no one.
--- Returns {seq, 1}; {seq, 0, agents, results} after a session's last final;
+-- Returns {seq, 1}; {seq, 0, agents, results, appid} after a session's last final;
 -- or {code} < 0: -1 gone, -2 completed, -3 agent not pending, -4 log full, -5 still pending,
 -- -6 exists already (create), -7 not admitted (create with the deadlines key).
 local meta = KEYS[3]
@@ -64,6 +64,6 @@ for _, viewer in ipairs(viewers) do
   end
 end
 if mode == 'final' and redis.call('SCARD', KEYS[4]) == 0 then
-  return {seq, 0, redis.call('HGET', meta, 'agents'), redis.call('HGETALL', KEYS[5])}
+  return {seq, 0, redis.call('HGET', meta, 'agents'), redis.call('HGETALL', KEYS[5]), redis.call('HGET', meta, 'appid')}
 end
 return {seq, 1}
