@@ -56,5 +56,5 @@ async def publish_and_collect(
                 if message is not None:
                     replies.append(message["data"])
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py
     return replies

@@ -157,7 +157,7 @@ async def listen(
             await _read_messages(pubsub, on_message)
     finally:
         if pubsub is not None:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py
 
 
 _MESSAGE = b"message"

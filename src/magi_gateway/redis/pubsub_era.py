@@ -58,4 +58,4 @@ class PubSubChannels:
                     on_message(self.keys.session_of(name), message["data"])
         finally:
             if pubsub is not None:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py

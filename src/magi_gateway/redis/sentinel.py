@@ -84,7 +84,7 @@ class FailoverPool(SentinelConnectionPool, BlockingConnectionPool):
             raise ValueError("REDIS_URL is not a redis+sentinel:// URL")
         if parsed.max_connections is not None:
             kwargs["max_connections"] = parsed.max_connections
-        sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]  # typed in newer redis-py
             parsed.sentinels,
             sentinel_kwargs={
                 "username": parsed.sentinel_username,
