@@ -4,6 +4,7 @@ each caller getting its own reply or its own error (real Redis)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from typing import Any
 
@@ -93,6 +94,46 @@ async def test_a_cancelled_caller_leaves_the_others_their_replies(
     assert int(await redis_client.get(key)) == 5 + 4 * 100
 
 
+#: The value of KEYS[1], as the script sees it.
+_READ = "return redis.call('GET', KEYS[1])"
+
+
+async def test_commands_before_a_call_run_first_in_its_round_trip(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    calls = CoalescedScript(redis_client, redis_client.register_script(_READ))
+    keys = [_key(key_prefix, f"b{i}") for i in range(12)]
+    replies = await asyncio.gather(
+        *(calls([key], [], before=[("SET", key, f"v{i}")]) for i, key in enumerate(keys))
+    )
+    assert replies == [f"v{i}".encode() for i in range(12)]
+    assert calls.calls == 12
+    assert calls.round_trips < 12  # each SET went in its call's round trip
+    one = CoalescedScript(redis_client, redis_client.register_script(_READ))
+    assert await one([keys[0]], [], before=[("SET", keys[0], "a"), ("APPEND", keys[0], "b")]) == b"ab"
+    assert one.round_trips == 1
+
+
+async def test_a_failed_command_before_a_call_is_logged_and_the_call_runs(
+    redis_client: Redis, key_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = CoalescedScript(redis_client, redis_client.register_script(_ADD))
+    counter, spoiled = _key(key_prefix, "counted"), _key(key_prefix, "a-string")
+    await redis_client.set(spoiled, "not a sorted set")
+    with caplog.at_level(logging.WARNING, logger="magi_gateway.redis"):
+        replies = await asyncio.gather(
+            calls([counter], [1], before=[("ZREM", spoiled, "member")]),  # WRONGTYPE
+            calls([counter], [2]),
+        )
+    assert sorted(reply[1] for reply in replies) == [1, 3]
+    assert any("ZREM before a script call failed" in r.getMessage() for r in caplog.records)
+    # Also when the script was lost: the commands before it are not sent twice.
+    await redis_client.script_flush()
+    await calls([counter], [10], before=[("INCR", _key(key_prefix, "once"))])
+    assert int(await redis_client.get(counter)) == 13
+    assert int(await redis_client.get(_key(key_prefix, "once"))) == 1
+
+
 async def test_an_unreachable_server_fails_every_call_as_unavailable(unused_tcp_port: int) -> None:
     client = aioredis.Redis(port=unused_tcp_port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     try:
@@ -116,11 +157,14 @@ async def test_finals_of_many_sessions_written_together_each_complete_its_sessio
         await store.create_session(
             session_id, AppId("app"), InstanceId("nobody"), [agent], now_ms() + 60_000, None
         )
+    running = store.keys.app_running(AppId("app"))
+    await redis_client.zadd(running, {s: now_ms() + 60_000 for s in sessions})  # as admit.lua does
     results = await asyncio.gather(
         *(store.append_final(s, agent, ResultCode.OK, {"decision": "approve"}) for s in sessions)
     )
     assert [(r.seq, r.completed) for r in results] == [(2, True)] * 20
     assert store._append_calls.round_trips < store._append_calls.calls
+    assert await redis_client.zcard(running) == 0  # each left its appid's running sessions
     for session_id in sessions:
         entries = await redis_client.xrange(store.keys.session(session_id).log)
         frames: list[dict[str, Any]] = [orjson.loads(fields[b"f"]) for _id, fields in entries]

@@ -4,24 +4,22 @@ A *run* is consecutive chunks of one agent in one session, as encoded tails
 (``core.frames``). The runs of one session go in one script call (one notification, one
 refresh of expiries for all of them), its tails joined into one argument so the client
 library packs two arguments per run, not per chunk; the calls for several sessions share
-a pipeline. On a Redis Cluster, whose pipelines refuse scripts, they run concurrently.
+a pipeline (``redis.coalesce.call_scripts``; on a Redis Cluster, whose pipelines refuse
+scripts, they run concurrently).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from importlib.resources import files
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
-
 from magi_gateway.core import frames
-from magi_gateway.core.errors import BackendCommandError, BackendUnavailable, GatewayError
+from magi_gateway.core.errors import BackendUnavailable, GatewayError
 from magi_gateway.core.ids import AgentId, SessionId
 from magi_gateway.core.notification import notify_prefix
-from magi_gateway.redis.client import RedisClient, gateway_error, redis_errors
+from magi_gateway.redis.client import RedisClient
+from magi_gateway.redis.coalesce import ScriptCall, call_scripts
 from magi_gateway.redis.keys import Keys
 
 __all__ = ["ChunkRun", "ChunkWriter"]
@@ -54,43 +52,18 @@ class ChunkWriter:
         by_session: dict[SessionId, list[int]] = {}
         for index, run in enumerate(runs):
             by_session.setdefault(run[0], []).append(index)
-        calls = [(sid, self._call(sid, [runs[i] for i in indexes])) for sid, indexes in by_session.items()]
-        replies: list[Any]
-        if isinstance(self.redis, RedisCluster):
-            replies = await asyncio.gather(
-                *(self._run(keys, args) for _, (keys, args) in calls), return_exceptions=True
-            )
-        else:
-            with redis_errors():
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for _, (keys, args) in calls:
-                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
-        not_appended: GatewayError = BackendUnavailable("not appended")
-        outcomes: list[list[int] | GatewayError] = [not_appended] * len(runs)
-        for (sid, (keys, args)), reply in zip(calls, replies, strict=True):
-            if isinstance(reply, NoScriptError):
-                # The script is not loaded (a new or restarted server): the Script object loads it.
-                try:
-                    reply = await self._run(keys, args)
-                except (BackendUnavailable, BackendCommandError) as exc:
-                    reply = exc
-            indexes = by_session[sid]
-            if isinstance(reply, BaseException):
-                if not isinstance(reply, Exception):
-                    raise reply  # CancelledError and the like: not an outcome
-                failure = reply if isinstance(reply, GatewayError) else gateway_error(reply)
-                for index in indexes:
-                    outcomes[index] = failure
-                continue
+        calls = [self._call(sid, [runs[i] for i in indexes]) for sid, indexes in by_session.items()]
+        replies = await call_scripts(self.redis, self._script, calls)
+        outcomes: list[list[int] | GatewayError] = [BackendUnavailable("not appended")] * len(runs)
+        for indexes, reply in zip(by_session.values(), replies, strict=True):
             start = 0
             for index in indexes:
                 end = start + len(runs[index][2])
-                outcomes[index] = reply[start:end]
+                outcomes[index] = reply if isinstance(reply, GatewayError) else reply[start:end]
                 start = end
         return outcomes
 
-    def _call(self, session_id: SessionId, runs: Sequence[ChunkRun]) -> tuple[list[str], list[Any]]:
+    def _call(self, session_id: SessionId, runs: Sequence[ChunkRun]) -> ScriptCall:
         """KEYS and ARGV of ``lua/append_chunks.lua``."""
         args: list[Any] = [
             frames.session_head("agent_judgement_stream", session_id),
@@ -99,9 +72,4 @@ class ChunkWriter:
         ]
         for _sid, agent_id, tails in runs:
             args += (agent_id, b"\n".join(tails))
-        return self.keys.session(session_id).all(), args
-
-    async def _run(self, keys: list[str], args: list[Any]) -> list[int]:
-        with redis_errors():
-            reply: list[int] = await self._script(keys=keys, args=args)
-        return reply
+        return ScriptCall(self.keys.session(session_id).all(), args)

@@ -34,19 +34,26 @@ class Deadlines:
             due: Any = await self.redis.zrangebyscore(self.keys.deadlines, "-inf", now, start=0, num=limit)
         return [SessionId(d.decode()) for d in due]
 
-    async def stop_running(self, appid: AppId, session_id: SessionId) -> None:
-        """Stop counting a session among its appid's running sessions (it is about to
-        complete: a client that sees the completion may open the next one at once)."""
-        with redis_errors():
-            await self.redis.zrem(self.keys.app_running(appid), session_id)
+    def stop_running_command(self, appid: AppId, session_id: SessionId) -> tuple[tuple[Any, ...]]:
+        """The command that stops counting a session among its appid's running sessions,
+        for the round trip that completes it (``redis.coalesce``: best effort; ``clear``
+        does it again, and the running set forgets a session at its deadline anyway)."""
+        return (("ZREM", self.keys.app_running(appid), session_id),)
 
-    async def clear(self, session_id: SessionId) -> None:
-        """Remove a session from the deadline sweep and from its appid's running sessions."""
+    async def clear(self, session_id: SessionId, appid: AppId | None = None) -> None:
+        """Remove a session from the deadline sweep and from its appid's running sessions
+        (``appid``: when the caller knows it, else read from the session's data)."""
         with redis_errors():
+            if appid is not None:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrem(self.keys.deadlines, session_id)
+                    pipe.zrem(self.keys.app_running(appid), session_id)
+                    await pipe.execute()
+                return
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(self.keys.deadlines, session_id)
                 pipe.hget(self.keys.session(session_id).meta, "appid")
                 # Unreadable session data must not keep the session in the sweep forever.
-                _removed, appid = await pipe.execute(raise_on_error=False)
-            if isinstance(appid, bytes):  # else it stops counting at its deadline (pruned by score)
-                await self.redis.zrem(self.keys.app_running(AppId(appid.decode())), session_id)
+                _removed, found = await pipe.execute(raise_on_error=False)
+            if isinstance(found, bytes):  # else it stops counting at its deadline (pruned by score)
+                await self.redis.zrem(self.keys.app_running(AppId(found.decode())), session_id)

@@ -230,11 +230,10 @@ class Store:
         tail: bytes,
         agent_id: str = "",
         result: bytes = b"",
+        before: Sequence[tuple[Any, ...]] = (),
     ) -> list[Any]:
-        keys = self.keys.session(session_id)
-        reply: list[Any] = await self._append_calls(
-            keys.all(), self._append_args(session_id, mode, message_type, tail, agent_id, result)
-        )
+        args = self._append_args(session_id, mode, message_type, tail, agent_id, result)
+        reply: list[Any] = await self._append_calls(self.keys.session(session_id).all(), args, before=before)
         return reply
 
     def _append_args(
@@ -344,17 +343,18 @@ class Store:
     async def _complete(self, session_id: SessionId, last: Sequence[Any], clear: bool = True) -> bool:
         """Write ``agent_judgement_complete`` (once: the script refuses a second); ``last``:
         the session's agents (JSON), results (flat) and appid. It stops counting as running
-        first (its client may open the next session at once), and stays in the deadline
-        sweep until after, so a failure in between still ends with a completion."""
+        first, in the same round trip (its client may open the next session at once), and
+        stays in the deadline sweep until after, so a failure in between still ends with a
+        completion."""
         agents, flat, appid = orjson.loads(last[0]), last[1], last[2]
         by_agent = {flat[i].decode(): orjson.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
         results = {a: by_agent[a] for a in agents if a in by_agent}
         tail = frames.complete_tail(compute_verdict(r.get("decision") for r in results.values()), results)
-        if appid:
-            await self.deadlines.stop_running(AppId(appid.decode()), session_id)
-        done = await self._run_append(session_id, "complete", "agent_judgement_complete", tail)
+        app = AppId(appid.decode()) if appid else None
+        before = self.deadlines.stop_running_command(app, session_id) if app else ()
+        done = await self._run_append(session_id, "complete", "agent_judgement_complete", tail, before=before)
         if done[0] > 0 and clear:
-            await self.deadlines.clear(session_id)
+            await self.deadlines.clear(session_id, app)
         return bool(done[0] > 0)
 
     async def finish_pending(self, info: SessionInfo, result_code: ResultCode, data: dict[str, Any]) -> None:
