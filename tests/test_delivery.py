@@ -8,6 +8,7 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 import pytest
 import websockets
 from redis.asyncio import Redis
@@ -201,6 +202,36 @@ async def test_client_disconnect_is_not_cancel(
         rest = await collect_until_complete(ws, session_id)
         await assert_nothing_more(ws)
     assert rest == log[1:]
+
+
+async def test_a_judgement_is_accepted_before_the_answer_to_the_next_frame(
+    gateway: GatewayHandle, start_worker: StartWorker, store: Store
+) -> None:
+    # Frames are answered in the order they came: the accepted message, which the gateway
+    # hands over once the session is in Redis (its notification may come later), precedes
+    # the pong of a ping sent after the judgement; it came after the pong in a loaded CI.
+    await start_worker(demo_agents(delay_s=0.001))
+    async with await gateway.connect() as ws:
+        for turn in range(10):
+            await send(ws, judgement_message(DEMO, f"Turn {turn}?"))
+            await send(ws, {"type": "ping"})
+            first = await ws.recv()
+            accepted = orjson.loads(first)
+            assert accepted.get("type") == "agent_judgement_accepted", (turn, accepted)
+            session_id = accepted["session_id"]
+            messages = [accepted]
+            pong = False
+            while not (pong and messages[-1]["type"] == "agent_judgement_complete"):
+                message = await recv(ws)
+                if message.get("type") == "pong":
+                    pong = True
+                else:
+                    messages.append(message)
+            # Each message once, in order; the accepted exactly as logged.
+            assert [m["seq"] for m in messages] == list(range(1, len(messages) + 1)), turn
+            (logged_first,) = await store.read_log(session_id, 1, count=1)
+            assert logged_first[2] == (first.encode() if isinstance(first, str) else first)
+            assert messages == await logged(store, session_id)
 
 
 async def test_disconnect_while_the_gateway_still_starts_the_session_is_not_cancel(

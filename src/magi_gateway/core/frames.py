@@ -25,6 +25,7 @@ __all__ = [
     "TOKEN_EXPIRED",
     "TOO_MANY_CONNECTIONS",
     "SessionFrameType",
+    "accepted_frame",
     "accepted_tail",
     "agents_frame",
     "broadcast_frame",
@@ -124,6 +125,12 @@ def internal_error_frame(request_id: str | None = None) -> bytes:
 def session_head(message_type: SessionFrameType, session_id: SessionId) -> bytes:
     """The start of a session frame, up to (not including) its seq."""
     return b'{"type":"%s","session_id":"%s","seq":' % (message_type.encode(), session_id.encode())
+
+
+def accepted_frame(session_id: SessionId, agent_ids: Iterable[AgentId], request_id: str | None) -> bytes:
+    """The whole ``agent_judgement_accepted`` (seq 1), as ``lua/append.lua`` joins it."""
+    head = session_head("agent_judgement_accepted", session_id)
+    return b"%s1,%s" % (head, accepted_tail(agent_ids, request_id))
 
 
 def _tail(fields: dict[str, Any]) -> bytes:

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], object]
 
+_ACCEPTED = b"agent_judgement_accepted"
 _STREAM = b"agent_judgement_stream"
 _FINAL = b"agent_judgement_final"
 _COMPLETE = b"agent_judgement_complete"
@@ -176,10 +177,12 @@ class Delivery:
         if gone:
             self._unregister(gone)
 
-    def registered(self, session: LocalSession) -> None:
-        """``session``'s viewer was registered in Redis (by ``Store.create_session``)."""
+    def registered(self, session: LocalSession, accepted: bytes) -> None:
+        """Written, its viewer registered (``Store.create_session``): ``accepted`` (seq 1)
+        goes out now, unless notified first, so before the answer to the next client frame."""
         if self.viewer(session.id, session.connection) is session:
             session.registered = True
+            self._deliver_to(self.sessions[session.id], session, (Message(1, _ACCEPTED, accepted),))
         else:  # its connection closed meanwhile
             self._unregister([(session.id, session.connection.id)])
 
@@ -266,13 +269,10 @@ class Delivery:
 
         A session being delivered to this connection already keeps its one delivery: a
         repeated ``resume`` replaces the earlier one instead of queueing the log again
-        (what was handed over stays handed, so the client gets every message after
-        ``last_seq`` once, in order). Once the complete was handed, the delivery is over
-        and a new ``resume`` replays again. ``restart`` starts a new delivery from
-        ``last_seq`` in any case (a retried ``agent_judgement``, answered by its session
-        from seq 1 again). Other connections' deliveries of the session are not touched.
-        ``registered``: the connection was registered as a viewer in Redis for this.
-        """
+        (what was handed stays handed: the client gets every message after ``last_seq``
+        once, in order). Once the complete was handed, a new ``resume`` replays again.
+        ``restart``: a new delivery from ``last_seq`` in any case (a retried judgement,
+        from seq 1 again); other viewers are untouched. ``registered``: a viewer in Redis."""
         if not self._is_open(connection) or connection.closing:
             if registered:  # it closed while being registered: nobody is left to deliver to
                 self._unregister([(session_id, connection.id)])

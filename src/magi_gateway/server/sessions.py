@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from magi_gateway._util import now_ms
-from magi_gateway.core import protocol
+from magi_gateway.core import frames, protocol
 from magi_gateway.core.dialect import OriginalReplies, alias_targets, message_received, resolve_agents
 from magi_gateway.core.errors import (
     BackendCommandError,
@@ -93,10 +93,11 @@ class SessionOps:
                 translation = OriginalTranslation(connection, replies)
             started = time.monotonic()
             session = self.delivery.track(session_id, connection, 0, started=started, translation=translation)
+            accepted = frames.accepted_frame(session_id, agent_ids, request.request_id)
             return Watch(
                 connection.id,
                 undo=lambda: self.delivery.untrack(session),
-                created=lambda: self.delivery.registered(session),
+                created=lambda: self.delivery.registered(session, accepted),
             )
 
         await self.start_judgement(connection.appid, request, retried=retried, watch=watch)
