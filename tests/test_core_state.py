@@ -230,6 +230,19 @@ def test_an_outbox_takes_a_run_whole_or_not_at_all() -> None:
     assert outbox.push_run([b"g"], 1) is False
 
 
+def test_an_empty_outbox_takes_a_run_over_its_bounds_and_nothing_more() -> None:
+    # One notification's chunks arrive in one step, before the writer takes any: a client
+    # that reads must not be closed for the burst, one that does not is at the next frame.
+    outbox = Outbox(max_messages=4, max_bytes=100)
+    run = [b"r" * 30] * 6  # six frames, 180 bytes: over both bounds
+    assert outbox.push_run(run, 180) is True
+    assert (len(outbox), outbox.queued_bytes, outbox.closing) == (6, 180, False)
+    assert outbox.push_run([b"s"], 1) is False  # not empty: the bounds hold
+    assert outbox.push(b"s") is False
+    assert outbox.closing
+    assert len(outbox) == 0  # the close drops what was queued
+
+
 def test_a_notification_of_consecutive_chunks_is_a_run() -> None:
     def message(seq: int, kind: bytes = b"agent_judgement_stream") -> Message:
         return Message(seq, kind, b"frame-%d" % seq)

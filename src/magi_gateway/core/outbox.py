@@ -1,13 +1,13 @@
 """A connection's outbound buffer, sans-I/O: bounded, with a named overflow policy.
 
 The buffer holds at most ``max_messages`` frames and ``max_bytes`` bytes of them (one
-frame larger than ``max_bytes`` still fits into an empty buffer, so no single message
-can wedge a session). Overflow policy: **close 1013** — when a client reads slower
-than its sessions produce, the connection is closed with "try again later" instead of
-growing memory; every session message is in the session's log, so the client resumes
-without loss. Replays do not overflow it: they wait for room (``has_room``) first.
-The driver (``server.outbox``) writes what ``pop`` hands it and wakes whoever waits
-for room.
+frame larger than ``max_bytes``, or one run of chunks larger than either bound, still
+fits into an empty buffer, so no single message or burst can wedge a session).
+Overflow policy: **close 1013** — when a client reads slower than its sessions
+produce, the connection is closed with "try again later" instead of growing memory;
+every session message is in the session's log, so the client resumes without loss.
+Replays do not overflow it: they wait for room (``has_room``) first. The driver
+(``server.outbox``) writes what ``pop`` hands it and wakes whoever waits for room.
 """
 
 from __future__ import annotations
@@ -70,12 +70,18 @@ class Outbox:
         return True
 
     def push_run(self, frames: Sequence[bytes], size: int) -> bool:
-        """Queue all of ``frames`` (``size`` bytes in all) if they fit within both bounds;
-        False, with nothing queued, if not (then ``push`` them one by one: the overflow
-        policy is the same frame by frame)."""
+        """Queue all of ``frames`` (``size`` bytes in all) if they fit within both bounds,
+        or if the buffer is empty; False, with nothing queued, if not (then ``push`` them
+        one by one: the overflow policy is the same frame by frame).
+
+        An empty buffer takes a run whole, as it takes one frame of any size: a run is
+        one notification's chunks of one session (at most the worker's run, 64 per agent,
+        bounded in bytes by its queue), handed over in one step before the writer can take any, so
+        a client that reads is never closed for the size of a burst."""
         if self._close is not None:
             return False
-        if len(self._frames) + len(frames) > self.max_messages or self._bytes + size > self.max_bytes:
+        full = len(self._frames) + len(frames) > self.max_messages or self._bytes + size > self.max_bytes
+        if full and self._frames:
             return False
         self._frames.extend(frames)
         self._bytes += size

@@ -11,10 +11,11 @@ as soon as the agent yields to the event loop.
 Bounds (overflow policy: wait). A stream holds at most ``max_queued`` chunks or
 ``max_queued_bytes`` not yet taken by a round trip; past that, ``put`` (so ``think``)
 waits until the flusher takes them. One round trip takes up to ``max_run`` chunks of
-each stream, up to ``max_batch`` in all: a session's notification then carries at most
-``max_run`` chunks per agent, a burst the gateway's outbound buffer
-(``MAX_OUTBOUND_MESSAGES``) takes as it took one chunk per agent before, where a whole
-queue at once could overflow it for a client that reads fine.
+each stream (64: a stream's whole queue), up to ``max_batch`` in all: a session's
+notification then carries at most ``max_run`` chunks per agent, a burst the gateway's
+outbound buffer takes whole when it is empty (``core.outbox``), however small
+``MAX_OUTBOUND_MESSAGES``. Runs of 16 cost the worker and Redis more per chunk (see
+BENCHMARKS.md).
 
 Guarantees. A stream's chunks are written in order; a round trip that fails (a Redis
 outage) puts them back in front of the stream's queue and is retried after a backoff
@@ -185,7 +186,7 @@ class ChunkAppender:
         backoff: Backoff | None = None,
         *,
         max_batch: int = 512,
-        max_run: int = 16,
+        max_run: int = 64,
         max_queued: int = 64,
         max_queued_bytes: int = 1 << 20,
     ) -> None:
