@@ -9,6 +9,7 @@ naming the session and the loops move on, where before they retried forever in s
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -19,10 +20,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from magi_gateway._util import Backoff, now_ms
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.session import new_session_id
-from magi_gateway.redis.client import closed_transport, dropped_writer, redis_errors
+from magi_gateway.redis.client import KEEPALIVE, closed_transport, connect, dropped_writer, redis_errors
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.server.sweeper import sweep_deadlines
+from magi_gateway.settings import Settings
 from magi_gateway.worker.runner import Worker
 
 from . import agents_for_tests
@@ -139,3 +141,31 @@ def test_a_write_on_a_closed_uvloop_transport_is_an_outage() -> None:
         await server.wait_closed()
 
     uvloop.run(main())
+
+
+async def test_commands_wait_for_a_slow_server_unless_a_socket_timeout_is_set(
+    settings: Settings, redis_client: Redis
+) -> None:
+    # No client-side timeout by default (redis-py 8.2's 5 s default cost every command a
+    # task): a server that answers late is waited for; a dead one is found by keepalive.
+    patient = connect(settings)
+    hasty = connect(settings.model_copy(update={"redis_socket_timeout_s": 0.2}))
+    try:
+        for client in (patient, hasty):
+            await client.ping()  # connected before the pause
+        connection = patient.connection_pool.connection_kwargs
+        assert connection["socket_timeout"] is None
+        assert connection["socket_keepalive"] is True
+        assert connection["socket_keepalive_options"] == KEEPALIVE
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert KEEPALIVE[socket.TCP_KEEPIDLE] == 5
+        await redis_client.client_pause(3000)  # the server answers nobody for 3 s (the
+        # hasty client's retries, 0.2 s each and their backoff, end well within it)
+        with pytest.raises(BackendUnavailable), redis_errors():
+            await hasty.ping()
+        with redis_errors():
+            assert await patient.ping() is True
+    finally:
+        await redis_client.client_unpause()
+        await patient.aclose()
+        await hasty.aclose()

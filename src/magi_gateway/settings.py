@@ -165,6 +165,9 @@ class Settings(BaseSettings):
     redis_max_connections: int = Field(256, ge=4)
     #: How long a command waits for a free pooled connection before failing.
     redis_pool_timeout_s: float = Field(5.0, gt=0)
+    #: How long a command waits for Redis's reply before its connection is dropped (0:
+    #: as long as Redis takes; a dead server or link is found by TCP keepalive instead).
+    redis_socket_timeout_s: float = Field(0.0, ge=0)
 
     @field_validator("redis_password", "redis_url", "fixed_secret", "admin_secret", mode="before")
     @classmethod

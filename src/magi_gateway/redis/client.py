@@ -26,6 +26,7 @@ is then per node.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import PurePath
@@ -47,6 +48,7 @@ from magi_gateway.redis.urls import parse_cluster_url, parse_sentinel_url
 from magi_gateway.settings import Settings
 
 __all__ = [
+    "KEEPALIVE",
     "RedisClient",
     "closed_transport",
     "connect",
@@ -63,6 +65,17 @@ RedisClient = Redis | RedisCluster
 # A command is retried this many times on a dropped connection before the caller
 # sees BackendUnavailable; longer outages are ridden out by the callers' own loops.
 _COMMAND_RETRIES = 3
+
+#: TCP keepalive of every connection: a server or link gone silent is found dead about
+#: 11 s after its last packet (idle 5 s, then 3 probes 2 s apart). redis-py 8.2 made a
+#: 5 s ``socket_timeout`` its default, which runs every command's write in a task of
+#: its own (``asyncio.wait_for``) and its read under a timeout: 15 % of the worker's CPU
+#: per chunk below saturation (BENCHMARKS.md). ``REDIS_SOCKET_TIMEOUT_S`` sets one anyway.
+KEEPALIVE: dict[int, int] = {
+    option: value
+    for name, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3))
+    if (option := getattr(socket, name, None)) is not None
+}
 
 
 def connect(
@@ -97,7 +110,9 @@ def connect(
             max_connections=pool_size,
             health_check_interval=10,
             socket_connect_timeout=5,
+            socket_timeout=settings.redis_socket_timeout_s or None,
             socket_keepalive=True,
+            socket_keepalive_options=KEEPALIVE,
             client_name=client_name,
         )
     # A blocking pool: redis-py's default pool raises as soon as its cap is reached,
@@ -112,7 +127,9 @@ def connect(
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         health_check_interval=10,
         socket_connect_timeout=5,
+        socket_timeout=settings.redis_socket_timeout_s or None,
         socket_keepalive=True,
+        socket_keepalive_options=KEEPALIVE,
         client_name=client_name,
     )
     pool.connection_class = with_hiredis_packing(pool.connection_class)
