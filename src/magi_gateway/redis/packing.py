@@ -28,9 +28,11 @@ def _pack(args: tuple[Any, ...]) -> bytes:
             args = (*name.split(), *args[1:])
     elif b" " in name:
         args = (*name.split(), *args[1:])
-    if any(isinstance(arg, (bytearray, memoryview)) for arg in args):
+    try:
+        packed: bytes = hiredis.pack_command(args)
+    except TypeError:  # hiredis takes str, int, float and bytes: not bytearray or memoryview
         args = tuple(bytes(arg) if isinstance(arg, (bytearray, memoryview)) else arg for arg in args)
-    packed: bytes = hiredis.pack_command(args)
+        packed = hiredis.pack_command(args)
     return packed
 
 
