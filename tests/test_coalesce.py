@@ -14,12 +14,13 @@ import redis.asyncio as aioredis
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
 from magi_gateway._util import now_ms
 from magi_gateway.core.errors import BackendCommandError, BackendUnavailable
 from magi_gateway.core.ids import AgentId, AppId, InstanceId, SessionId
 from magi_gateway.core.session import ResultCode
-from magi_gateway.redis.coalesce import CoalescedScript
+from magi_gateway.redis.coalesce import CoalescedPipeline, CoalescedScript
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.store import Store
 from magi_gateway.settings import Settings
@@ -132,6 +133,41 @@ async def test_a_failed_command_before_a_call_is_logged_and_the_call_runs(
     await calls([counter], [10], before=[("INCR", _key(key_prefix, "once"))])
     assert int(await redis_client.get(counter)) == 13
     assert int(await redis_client.get(_key(key_prefix, "once"))) == 1
+
+
+async def test_pipelines_of_many_callers_share_round_trips_in_order(
+    redis_client: Redis, key_prefix: str
+) -> None:
+    shared = CoalescedPipeline(redis_client)
+    spoiled = _key(key_prefix, "p-spoiled")
+    await redis_client.set(spoiled, "not a number")
+
+    async def caller(i: int) -> list[Any]:
+        key = _key(key_prefix, f"p{i}")
+        commands = [("SET", key, i), ("INCR", key), ("INCR", spoiled if i == 3 else key), ("GET", key)]
+        return await shared(commands)
+
+    replies = await asyncio.gather(*(caller(i) for i in range(20)))
+    for i, reply in enumerate(replies):
+        assert reply[0] is True
+        if i == 3:  # its refused command is its own exception, in its place; the rest ran
+            assert isinstance(reply[2], ResponseError)
+            assert reply[1:2] + reply[3:] == [4, b"4"]
+        else:
+            assert reply[1:] == [i + 1, i + 2, str(i + 2).encode()]
+    assert shared.calls == 20
+    assert 1 <= shared.round_trips < 20
+    assert shared._sender is None
+
+
+async def test_a_pipeline_on_an_unreachable_server_raises_in_every_caller(unused_tcp_port: int) -> None:
+    client = aioredis.Redis(port=unused_tcp_port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    try:
+        shared = CoalescedPipeline(client)
+        results = await asyncio.gather(*(shared([("PING",)]) for _ in range(4)), return_exceptions=True)
+        assert all(isinstance(r, BackendUnavailable) for r in results), results
+    finally:
+        await client.aclose()
 
 
 async def test_an_unreachable_server_fails_every_call_as_unavailable(unused_tcp_port: int) -> None:

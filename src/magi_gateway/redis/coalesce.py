@@ -34,7 +34,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
@@ -43,9 +43,11 @@ from redis.exceptions import NoScriptError
 from magi_gateway.core.errors import BackendUnavailable, GatewayError
 from magi_gateway.redis.client import RedisClient, gateway_error, redis_errors
 
-__all__ = ["CoalescedScript", "ScriptCall", "call_scripts"]
+__all__ = ["CoalescedPipeline", "CoalescedScript", "ScriptCall", "call_scripts"]
 
 logger = logging.getLogger("magi_gateway.redis")
+
+_Item = TypeVar("_Item")
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,18 +117,58 @@ def _log_failures(commands: Sequence[tuple[Any, ...]], replies: Sequence[Any]) -
             logger.warning("%s before a script call failed: %r", command[0], reply)
 
 
-class CoalescedScript:
-    """``await script(keys, args)``: one call of a registered script, sharing round trips."""
+class _Coalescer(Generic[_Item]):
+    """Items submitted from many tasks, sent ``max_batch`` at a time, one round trip after
+    the other; each submitter gets its own outcome (see the module docstring)."""
 
-    def __init__(self, redis: RedisClient, script: AsyncScript, *, max_batch: int = 64) -> None:
+    def __init__(self, redis: RedisClient, *, max_batch: int = 64) -> None:
         self.redis = redis
-        self.script = script
         self.max_batch = max_batch
-        self._queue: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[_Item, asyncio.Future[Any]]] = []
         self._sender: asyncio.Task[None] | None = None
         #: Round trips made and calls sent in them (for tests and benchmarks).
         self.round_trips = 0
         self.calls = 0
+
+    async def _submit(self, item: _Item) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send(), name="magi-shared-round-trips")
+        return await future
+
+    async def _round_trip(self, items: list[_Item]) -> list[Any]:
+        raise NotImplementedError
+
+    async def _send(self) -> None:
+        batch: list[tuple[_Item, asyncio.Future[Any]]] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                batch = [(item, future) for item, future in batch if not future.done()]  # callers gone
+                if batch:
+                    outcomes = await self._round_trip([item for item, _ in batch])
+                    self.round_trips += 1
+                    self.calls += len(batch)
+                    for (_item, future), outcome in zip(batch, outcomes, strict=True):
+                        _settle(future, outcome)
+                batch = []
+        except asyncio.CancelledError:
+            stopping = BackendUnavailable("stopping")
+            for _item, future in [*batch, *self._queue]:
+                _settle(future, stopping)
+            self._queue = []
+            raise
+        finally:
+            self._sender = None
+
+
+class CoalescedScript(_Coalescer[ScriptCall]):
+    """``await script(keys, args)``: one call of a registered script, sharing round trips."""
+
+    def __init__(self, redis: RedisClient, script: AsyncScript, *, max_batch: int = 64) -> None:
+        super().__init__(redis, max_batch=max_batch)
+        self.script = script
 
     async def __call__(
         self, keys: list[str], args: list[Any], *, before: Sequence[tuple[Any, ...]] = ()
@@ -134,33 +176,45 @@ class CoalescedScript:
         call = ScriptCall(keys, args, before)
         if isinstance(self.redis, RedisCluster):
             return await _call_alone(self.redis, self.script, call)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((call, future))
-        if self._sender is None:
-            self._sender = asyncio.create_task(self._send(), name="magi-script-calls")
-        return await future
+        return await self._submit(call)
 
-    async def _send(self) -> None:
-        batch: list[tuple[ScriptCall, asyncio.Future[Any]]] = []
+    async def _round_trip(self, items: list[ScriptCall]) -> list[Any]:
+        return await call_scripts(self.redis, self.script, items)
+
+
+class CoalescedPipeline(_Coalescer[Sequence[tuple[Any, ...]]]):
+    """``await pipeline(commands)``: one caller's commands, in order, in a round trip
+    shared with other callers' (one server; a Cluster runs each caller's on its own).
+
+    The replies come as from ``execute(raise_on_error=False)``: a command Redis refuses
+    is its exception, in its place; a round trip that fails raises its
+    ``BackendUnavailable`` in every caller."""
+
+    async def __call__(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        if isinstance(self.redis, RedisCluster):
+            (outcome,) = await self._round_trip([commands])
+        else:
+            outcome = await self._submit(commands)
+        if isinstance(outcome, GatewayError):
+            raise outcome
+        replies: list[Any] = outcome
+        return replies
+
+    async def _round_trip(self, items: list[Sequence[tuple[Any, ...]]]) -> list[Any]:
         try:
-            while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                batch = [(call, future) for call, future in batch if not future.done()]  # callers gone
-                if batch:
-                    outcomes = await call_scripts(self.redis, self.script, [call for call, _ in batch])
-                    self.round_trips += 1
-                    self.calls += len(batch)
-                    for (_call, future), outcome in zip(batch, outcomes, strict=True):
-                        _settle(future, outcome)
-                batch = []
-        except asyncio.CancelledError:
-            stopping = BackendUnavailable("stopping")
-            for _call, future in [*batch, *self._queue]:
-                _settle(future, stopping)
-            self._queue = []
-            raise
-        finally:
-            self._sender = None
+            with redis_errors():
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for commands in items:
+                        for command in commands:
+                            pipe.execute_command(*command)
+                    replies = await pipe.execute(raise_on_error=False)
+        except GatewayError as exc:
+            return [exc] * len(items)
+        outcomes, start = [], 0
+        for commands in items:
+            outcomes.append(replies[start : start + len(commands)])
+            start += len(commands)
+        return outcomes
 
 
 def _settle(future: asyncio.Future[Any], outcome: Any) -> None:

@@ -25,6 +25,7 @@ from magi_gateway._util import now_ms
 from magi_gateway.core.errors import RateLimited, TooManySessions
 from magi_gateway.core.ids import AgentId, AppId, SessionId
 from magi_gateway.redis.client import RedisClient, redis_errors
+from magi_gateway.redis.coalesce import CoalescedPipeline
 from magi_gateway.redis.keys import Keys
 from magi_gateway.redis.liveness import ACTIVE_APP_MS, REQUEST_STREAM_TTL_MS
 
@@ -107,6 +108,8 @@ class Intake:
         self.request_stream_maxlen = request_stream_maxlen
         self._enqueue = redis.register_script(_ENQUEUE_LUA)
         self._admit = redis.register_script(_ADMIT_LUA)
+        #: The openings' round trips (``redis.opening``), shared by concurrent judgements.
+        self.openings = CoalescedPipeline(redis)
 
     def admit_call(
         self,
