@@ -1,5 +1,6 @@
-"""Script calls in pipelined round trips: many at once (``call_scripts``), or one at a time
-from many tasks, coalesced (``CoalescedScript``).
+"""Pipelined round trips: calls of a script, many at once (``call_scripts``) or one at a
+time from many tasks, coalesced (``CoalescedScript``); and any commands of many tasks,
+coalesced (``CoalescedPipeline``, the openings of judgements, ``redis.opening``).
 
 ``call_scripts`` sends calls of one registered script in one pipeline, each caller's reply
 or error apart: a command Redis refuses in one call fails that call only
